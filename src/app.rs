@@ -1,0 +1,190 @@
+//! Builds the shared state, starts the listeners and the admin API, and drains on shutdown.
+//!
+//! Neighbours: `cli.rs` calls `Gatehouse::start_with` inside the runtime it built; everything on
+//! the request path reaches the running state through `Shared`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::access_log::AccessLog;
+use crate::admin::{self, AdminState};
+use crate::config::snapshot::Snapshot;
+use crate::config::{self, ConfigError};
+use crate::listener;
+use crate::metrics::Metrics;
+use crate::upstream::Pool;
+
+/// State every connection task shares.
+pub struct Shared {
+    /// The config in force. A request loads it once and keeps that snapshot to its end.
+    pub config: ArcSwap<Snapshot>,
+    pub pool: Pool,
+    pub metrics: Arc<Metrics>,
+    pub access_log: AccessLog,
+    /// Cancelled when the drain starts: stop accepting, close idle connections, and answer
+    /// in-flight requests with `Connection: close`.
+    pub drain: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the access log: {0}")]
+    AccessLog(std::io::Error),
+}
+
+/// A running Gatehouse.
+pub struct Gatehouse {
+    shared: Arc<Shared>,
+    listeners: Vec<(String, SocketAddr)>,
+    admin: Option<SocketAddr>,
+    connections: TaskTracker,
+    background: TaskTracker,
+    stop_background: CancellationToken,
+}
+
+impl Gatehouse {
+    /// Loads the config file, binds every listener and the admin API, and starts serving on the
+    /// current tokio runtime.
+    pub async fn start(config_path: &Path) -> Result<Gatehouse, StartError> {
+        let metrics = Arc::new(Metrics::default());
+        let snapshot = config::load(config_path, &metrics)?;
+        Gatehouse::start_with(snapshot, metrics).await
+    }
+
+    /// Starts serving an already compiled config (whose metrics came from `metrics`).
+    pub async fn start_with(snapshot: Snapshot, metrics: Arc<Metrics>) -> Result<Gatehouse, StartError> {
+        let access_log =
+            AccessLog::start(&snapshot.log, Arc::clone(&metrics)).map_err(StartError::AccessLog)?;
+        let mut bound = Vec::with_capacity(snapshot.listeners.len());
+        for l in &snapshot.listeners {
+            let socket = listener::bind(l.listen).map_err(|source| StartError::Bind {
+                what: format!("listener {}", l.name),
+                addr: l.listen,
+                source,
+            })?;
+            bound.push((l.name.clone(), l.max_connections, socket));
+        }
+        let admin_socket = match &snapshot.admin {
+            Some(a) => Some(listener::bind(a.listen).map_err(|source| StartError::Bind {
+                what: "admin API".into(),
+                addr: a.listen,
+                source,
+            })?),
+            None => None,
+        };
+
+        let shared = Arc::new(Shared {
+            config: ArcSwap::from_pointee(snapshot),
+            pool: Pool::default(),
+            metrics: Arc::clone(&metrics),
+            access_log,
+            drain: CancellationToken::new(),
+        });
+        let connections = TaskTracker::new();
+        let background = TaskTracker::new();
+        let stop_background = CancellationToken::new();
+
+        let mut listeners = Vec::with_capacity(bound.len());
+        for (name, max_connections, socket) in bound {
+            let addr = socket.local_addr().unwrap_or_else(|_| unspecified());
+            tracing::info!(listener = %name, "listening on {addr}");
+            listeners.push((name, addr));
+            tokio::spawn(listener::accept_loop(
+                socket,
+                max_connections,
+                Arc::clone(&shared),
+                connections.clone(),
+            ));
+        }
+        let admin = match admin_socket {
+            Some(socket) => {
+                let addr = socket.local_addr().unwrap_or_else(|_| unspecified());
+                tracing::info!("admin API listening on {addr}");
+                let state = AdminState {
+                    metrics: Arc::clone(&metrics),
+                };
+                let stop = stop_background.clone();
+                background.spawn(async move {
+                    if let Err(e) = admin::serve(socket, state, stop).await {
+                        tracing::error!(error = %e, "admin API stopped");
+                    }
+                });
+                Some(addr)
+            }
+            None => None,
+        };
+        let reaper_shared = Arc::clone(&shared);
+        let stop = stop_background.clone();
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => reaper_shared.pool.reap(),
+                    _ = stop.cancelled() => break,
+                }
+            }
+        });
+
+        Ok(Gatehouse {
+            shared,
+            listeners,
+            admin,
+            connections,
+            background,
+            stop_background,
+        })
+    }
+
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Begins a graceful shutdown: stop accepting, close idle connections, let in-flight requests
+    /// finish (their responses say `Connection: close`).
+    pub fn shutdown(&self) {
+        self.shared.drain.cancel();
+    }
+
+    /// Resolves once a shutdown has begun and every connection has finished, or the grace period
+    /// has run out.
+    pub async fn wait(self) {
+        self.shared.drain.cancelled().await;
+        self.connections.close();
+        let grace = self.shared.config.load().timeouts.shutdown_grace;
+        if tokio::time::timeout(grace, self.connections.wait()).await.is_err() {
+            tracing::warn!(
+                remaining = self.connections.len(),
+                "shutdown grace period over; closing the remaining connections"
+            );
+        }
+        self.stop_background.cancel();
+        self.background.close();
+        self.background.wait().await;
+    }
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}

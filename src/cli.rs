@@ -1,0 +1,103 @@
+//! The command line: `run`, `check`, `--version`.
+//!
+//! Neighbours: `main.rs` parses with clap and calls `run` or `check`; `run` builds the tokio
+//! runtime with the configured number of workers and hands over to `app`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::app::Gatehouse;
+use crate::config;
+use crate::metrics::Metrics;
+
+#[derive(Debug, Parser)]
+#[command(name = "gatehouse", version, about = "A memory-safe edge reverse proxy and load balancer")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run in the foreground, logging to stderr, until SIGTERM or SIGINT.
+    Run {
+        /// The config file.
+        #[arg(short, long, default_value = "gatehouse.toml")]
+        config: PathBuf,
+    },
+    /// Validate the config file: exit 0, or print every problem as FILE:LINE:COL: message.
+    Check {
+        #[arg(short, long, default_value = "gatehouse.toml")]
+        config: PathBuf,
+    },
+}
+
+pub fn check(path: &Path) -> ExitCode {
+    match config::load(path, &Metrics::default()) {
+        Ok(_) => {
+            println!("{}: configuration is valid", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprint!("{e}");
+            if !e.to_string().ends_with('\n') {
+                eprintln!();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    let metrics = Arc::new(Metrics::default());
+    let snapshot = match config::load(path, &metrics) {
+        Ok(s) => s,
+        Err(e) => {
+            eprint!("{e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = snapshot.workers {
+        builder.worker_threads(workers);
+    }
+    let runtime = builder.enable_all().thread_name("gatehouse-worker").build()?;
+    runtime.block_on(async move {
+        let gatehouse = Gatehouse::start_with(snapshot, metrics).await?;
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), "gatehouse started");
+        let signals = shutdown_signal();
+        tokio::pin!(signals);
+        let drained = {
+            let stop = gatehouse.shared().drain.clone();
+            async move { stop.cancelled().await }
+        };
+        tokio::select! {
+            signal = &mut signals => {
+                tracing::info!("{signal}: draining");
+                gatehouse.shutdown();
+            }
+            _ = drained => {}
+        }
+        gatehouse.wait().await;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves with the signal's name on SIGTERM or SIGINT.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers we can still serve; we just cannot drain on a signal.
+        std::future::pending::<()>().await;
+        return "never";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

@@ -1,0 +1,686 @@
+//! File form -> `Snapshot`: validates every value, resolves defaults and overrides, builds the router.
+//!
+//! Neighbours: `mod.rs` hands over the parsed `file::FileConfig`; the result is the immutable
+//! `snapshot::Snapshot` that `app.rs` publishes. Every problem is collected rather than returned at
+//! the first, so one `gatehouse check` run lists them all; a value that fails a check is replaced
+//! by its default so that the checks after it still run. The file structs are destructured without
+//! `..`, so a new key that this module forgets to read is a compile error, not an ignored setting.
+//!
+//! Resolution order, most specific first: route `timeouts`/`max_body_bytes` -> upstream `timeouts`
+//! -> global `[timeouts]`/`[limits]` -> the built-in defaults in `defaults`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::error::{line_col, Problem};
+use super::file::{
+    AccessValue, DurationValue, FileConfig, GlobalTimeouts, LimitsSection, ListenerSection,
+    LogSection, RespondSection, RouteSection, RouteTimeoutsSection, ServerEntry, ServerTable,
+    SizeValue, UpstreamSection, UpstreamTimeoutsSection,
+};
+use super::snapshot::{
+    AccessTarget, AdminSettings, ConnLimits, ConnTimeouts, FixedResponse, HostMatch,
+    ListenerSettings, LogFormat, LogSettings, Route, RouteAction, Server, Snapshot, Upstream,
+    UpstreamId, UpstreamTimeouts,
+};
+use super::values;
+use crate::balance::SmoothWeighted;
+use crate::metrics::Metrics;
+use crate::router::Router;
+
+/// The built-in defaults; `docs/config.md` lists the same values.
+mod defaults {
+    use std::time::Duration;
+
+    pub const CLIENT_HEADER: Duration = Duration::from_secs(10);
+    pub const CLIENT_BODY: Duration = Duration::from_secs(60);
+    pub const CLIENT_IDLE: Duration = Duration::from_secs(75);
+    pub const CONNECT: Duration = Duration::from_secs(5);
+    pub const RESPONSE_HEADER: Duration = Duration::from_secs(60);
+    pub const UPSTREAM_READ: Duration = Duration::from_secs(60);
+    pub const UPSTREAM_WRITE: Duration = Duration::from_secs(60);
+    pub const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+    pub const MAX_HEADER_BYTES: u64 = 16 * 1024;
+    pub const MAX_HEADERS: i64 = 100;
+    pub const MAX_URI_BYTES: u64 = 8 * 1024;
+    pub const MAX_BODY_BYTES: u64 = 1024 * 1024;
+    pub const MAX_CONNECTIONS: i64 = 10_000;
+
+    pub const KEEPALIVE: i64 = 32;
+    pub const WEIGHT: i64 = 1;
+    pub const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+}
+
+const MAX_WORKERS: i64 = 1024;
+const MAX_WEIGHT: i64 = 1000;
+
+/// Validates and resolves `file`. `text` is the file's text, used only to name the line of an
+/// earlier definition in "duplicate" messages.
+pub(crate) fn compile(
+    text: &str,
+    file: FileConfig,
+    metrics: &Metrics,
+) -> Result<Snapshot, Vec<Problem>> {
+    let FileConfig {
+        workers,
+        log,
+        admin,
+        timeouts,
+        limits,
+        listener,
+        upstream,
+        route,
+    } = file;
+    let mut c = Checker {
+        text,
+        problems: Vec::new(),
+    };
+
+    let workers = workers.and_then(|w| c.int_in(&w, "workers", 1..=MAX_WORKERS));
+    let log = c.log(log);
+    let admin = admin.and_then(|a| {
+        let listen = c.check(a.listen.span(), values::listen_addr(a.listen.get_ref()))?;
+        Some((AdminSettings { listen }, a.listen.span()))
+    });
+    let globals = c.global_timeouts(timeouts);
+    let limits = c.limits(limits);
+    let listeners = c.listeners(listener, &limits, admin.as_ref());
+    let upstreams = c.upstreams(upstream, &globals, metrics);
+    let routes = c.routes(route, &upstreams, &globals, &limits, metrics);
+
+    if !c.problems.is_empty() {
+        return Err(c.problems);
+    }
+    let router = Router::build(&routes);
+    Ok(Snapshot {
+        workers: workers.map(|w| w.unsigned_abs() as usize),
+        log,
+        admin: admin.map(|(a, _)| a),
+        listeners,
+        upstreams: upstreams.into_iter().map(|(_, u)| u).collect(),
+        routes,
+        router,
+        limits: limits.conn,
+        timeouts: globals.conn,
+    })
+}
+
+/// Global `[timeouts]`, resolved, split by who reads them.
+struct Globals {
+    conn: ConnTimeouts,
+    client_body: Duration,
+    upstream: UpstreamTimeouts,
+}
+
+/// `[limits]`, resolved.
+struct Limits {
+    conn: ConnLimits,
+    max_body_bytes: u64,
+    max_connections: usize,
+}
+
+struct Checker<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn report(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            span,
+            message: message.into(),
+        });
+    }
+
+    fn check<T>(&mut self, span: Range<usize>, result: Result<T, String>) -> Option<T> {
+        result.map_err(|message| self.report(span, message)).ok()
+    }
+
+    fn line_of(&self, span: &Range<usize>) -> usize {
+        line_col(self.text, span.start).0
+    }
+
+    fn int_in(
+        &mut self,
+        value: &Spanned<i64>,
+        what: &str,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Option<i64> {
+        let v = *value.get_ref();
+        if range.contains(&v) {
+            Some(v)
+        } else if *range.end() == i64::MAX {
+            let message = format!("{what} must be at least {}, got {v}", range.start());
+            self.report(value.span(), message);
+            None
+        } else {
+            let message = format!(
+                "{what} must be between {} and {}, got {v}",
+                range.start(),
+                range.end()
+            );
+            self.report(value.span(), message);
+            None
+        }
+    }
+
+    fn usize_at_least(
+        &mut self,
+        value: Option<Spanned<i64>>,
+        what: &str,
+        min: i64,
+        default: i64,
+    ) -> usize {
+        let v = value
+            .and_then(|v| self.int_in(&v, what, min..=i64::MAX))
+            .unwrap_or(default);
+        usize::try_from(v).unwrap_or(usize::MAX)
+    }
+
+    fn duration(&mut self, value: Option<Spanned<DurationValue>>, default: Duration) -> Duration {
+        value
+            .and_then(|v| self.check(v.span(), values::duration(v.get_ref())))
+            .unwrap_or(default)
+    }
+
+    fn size(&mut self, value: Option<Spanned<SizeValue>>, default: u64) -> u64 {
+        value
+            .and_then(|v| self.check(v.span(), values::size(v.get_ref())))
+            .unwrap_or(default)
+    }
+
+    /// A size that indexes memory: it must also fit this machine's `usize`.
+    fn size_usize(&mut self, value: Option<Spanned<SizeValue>>, default: u64) -> usize {
+        let span = value.as_ref().map(|v| v.span());
+        let bytes = self.size(value, default);
+        match (usize::try_from(bytes), span) {
+            (Ok(n), _) => n,
+            (Err(_), Some(span)) => {
+                self.report(span, format!("size {bytes} is too large for this machine"));
+                usize::MAX
+            }
+            (Err(_), None) => usize::MAX,
+        }
+    }
+
+    fn log(&mut self, log: LogSection) -> LogSettings {
+        let LogSection { access, format } = log;
+        let access = match access {
+            None => AccessTarget::Stdout,
+            Some(v) => match v.get_ref() {
+                AccessValue::Off => AccessTarget::Off,
+                AccessValue::Target(t) if t == "stdout" => AccessTarget::Stdout,
+                AccessValue::Target(t) if t == "stderr" => AccessTarget::Stderr,
+                AccessValue::Target(t) if t.is_empty() => {
+                    self.report(
+                        v.span(),
+                        "log.access is empty: expected \"stdout\", \"stderr\", a file path, or false",
+                    );
+                    AccessTarget::Stdout
+                }
+                AccessValue::Target(t) => AccessTarget::File(PathBuf::from(t)),
+            },
+        };
+        let format = match format {
+            None => LogFormat::Text,
+            Some(f) => match f.get_ref().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    let message = format!("bad log.format {other:?}: expected \"text\" or \"json\"");
+                    self.report(f.span(), message);
+                    LogFormat::Text
+                }
+            },
+        };
+        LogSettings { access, format }
+    }
+
+    fn global_timeouts(&mut self, t: GlobalTimeouts) -> Globals {
+        let GlobalTimeouts {
+            client_header,
+            client_body,
+            client_idle,
+            connect,
+            response_header,
+            upstream_read,
+            upstream_write,
+            upstream_idle,
+            shutdown_grace,
+        } = t;
+        Globals {
+            conn: ConnTimeouts {
+                client_header: self.duration(client_header, defaults::CLIENT_HEADER),
+                client_idle: self.duration(client_idle, defaults::CLIENT_IDLE),
+                shutdown_grace: self.duration(shutdown_grace, defaults::SHUTDOWN_GRACE),
+            },
+            client_body: self.duration(client_body, defaults::CLIENT_BODY),
+            upstream: UpstreamTimeouts {
+                connect: self.duration(connect, defaults::CONNECT),
+                response_header: self.duration(response_header, defaults::RESPONSE_HEADER),
+                read: self.duration(upstream_read, defaults::UPSTREAM_READ),
+                write: self.duration(upstream_write, defaults::UPSTREAM_WRITE),
+                idle: self.duration(upstream_idle, defaults::UPSTREAM_IDLE),
+            },
+        }
+    }
+
+    fn limits(&mut self, l: LimitsSection) -> Limits {
+        let LimitsSection {
+            max_header_bytes,
+            max_headers,
+            max_uri_bytes,
+            max_body_bytes,
+            max_connections,
+        } = l;
+        Limits {
+            conn: ConnLimits {
+                max_header_bytes: self.size_usize(max_header_bytes, defaults::MAX_HEADER_BYTES),
+                max_headers: self.usize_at_least(
+                    max_headers,
+                    "limits.max_headers",
+                    1,
+                    defaults::MAX_HEADERS,
+                ),
+                max_uri_bytes: self.size_usize(max_uri_bytes, defaults::MAX_URI_BYTES),
+            },
+            max_body_bytes: self.size(max_body_bytes, defaults::MAX_BODY_BYTES),
+            max_connections: self.usize_at_least(
+                max_connections,
+                "limits.max_connections",
+                1,
+                defaults::MAX_CONNECTIONS,
+            ),
+        }
+    }
+
+    fn listeners(
+        &mut self,
+        listeners: Vec<Spanned<ListenerSection>>,
+        limits: &Limits,
+        admin: Option<&(AdminSettings, Range<usize>)>,
+    ) -> Vec<ListenerSettings> {
+        if listeners.is_empty() {
+            self.report(
+                0..0,
+                "no [[listener]]: add one, such as [[listener]] name = \"web\" listen = \"127.0.0.1:8080\"",
+            );
+        }
+        let mut names: HashMap<String, Range<usize>> = HashMap::new();
+        let mut addrs: HashMap<SocketAddr, (String, Range<usize>)> = HashMap::new();
+        let mut out = Vec::with_capacity(listeners.len());
+        for l in listeners {
+            let ListenerSection {
+                name,
+                listen,
+                max_connections,
+            } = l.into_inner();
+            self.check(name.span(), values::name("listener", name.get_ref()));
+            if let Some(first) = names.get(name.get_ref()) {
+                let message = format!(
+                    "duplicate listener name {:?} (first used on line {})",
+                    name.get_ref(),
+                    self.line_of(first)
+                );
+                self.report(name.span(), message);
+            } else {
+                names.insert(name.get_ref().clone(), name.span());
+            }
+            let addr = self.check(listen.span(), values::listen_addr(listen.get_ref()));
+            // Port 0 asks the kernel for a fresh port on each bind, so it cannot collide.
+            if let Some(addr) = addr.filter(|a| a.port() != 0) {
+                if let Some((first, first_span)) = addrs.get(&addr) {
+                    let message = format!(
+                        "listener address {addr} is already used by listener {first:?} (line {})",
+                        self.line_of(first_span)
+                    );
+                    self.report(listen.span(), message);
+                } else {
+                    addrs.insert(addr, (name.get_ref().clone(), listen.span()));
+                }
+            }
+            let max_connections = self.usize_at_least(
+                max_connections,
+                "max_connections",
+                1,
+                i64::try_from(limits.max_connections).unwrap_or(i64::MAX),
+            );
+            out.push(ListenerSettings {
+                name: name.into_inner(),
+                listen: addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+                max_connections,
+            });
+        }
+        if let Some((admin, span)) = admin {
+            if let Some((name, _)) = addrs.get(&admin.listen) {
+                let message = format!(
+                    "admin.listen {} is already used by listener {name:?}",
+                    admin.listen
+                );
+                self.report(span.clone(), message);
+            }
+        }
+        out
+    }
+
+    /// Upstreams in file order, each with its name for the routes' lookup.
+    fn upstreams(
+        &mut self,
+        upstreams: std::collections::BTreeMap<Spanned<String>, UpstreamSection>,
+        globals: &Globals,
+        metrics: &Metrics,
+    ) -> Vec<(String, Arc<Upstream>)> {
+        let mut upstreams: Vec<_> = upstreams.into_iter().collect();
+        upstreams.sort_by_key(|(name, _)| name.span().start);
+        let mut out = Vec::with_capacity(upstreams.len());
+        for (name, section) in upstreams {
+            self.check(name.span(), values::name("upstream", name.get_ref()));
+            let name = name.into_inner();
+            let upstream = self.upstream(&name, section, globals, metrics);
+            out.push((name, Arc::new(upstream)));
+        }
+        out
+    }
+
+    fn upstream(
+        &mut self,
+        name: &str,
+        section: UpstreamSection,
+        globals: &Globals,
+        metrics: &Metrics,
+    ) -> Upstream {
+        let UpstreamSection {
+            servers,
+            keepalive,
+            timeouts,
+        } = section;
+        if servers.get_ref().is_empty() {
+            self.report(
+                servers.span(),
+                format!("upstream {name:?} has no servers: list at least one \"IP:port\""),
+            );
+        }
+        let mut seen: HashMap<SocketAddr, Range<usize>> = HashMap::new();
+        let mut list = Vec::with_capacity(servers.get_ref().len());
+        for entry in servers.into_inner() {
+            let span = entry.span();
+            let (address, address_span, weight) = match entry.into_inner() {
+                ServerEntry::Address(address) => (address, span, None),
+                ServerEntry::Table(ServerTable { address, weight }) => {
+                    let address_span = address.span();
+                    (address.into_inner(), address_span, weight)
+                }
+            };
+            let weight = weight
+                .and_then(|w| self.int_in(&w, "weight", 1..=MAX_WEIGHT))
+                .unwrap_or(defaults::WEIGHT);
+            let Some(address) = self.check(address_span.clone(), values::server_addr(&address))
+            else {
+                continue;
+            };
+            if let Some(first) = seen.get(&address) {
+                let message = format!(
+                    "server {address} is listed twice in upstream {name:?} (first on line {}); raise its weight instead",
+                    self.line_of(first)
+                );
+                self.report(address_span, message);
+                continue;
+            }
+            seen.insert(address, address_span);
+            list.push(Server {
+                address,
+                weight: u32::try_from(weight).unwrap_or(1),
+                key: format!("{name}/{address}").into(),
+            });
+        }
+        let max_idle_per_server =
+            self.usize_at_least(keepalive, "keepalive", 0, defaults::KEEPALIVE);
+        let UpstreamTimeoutsSection {
+            connect,
+            response_header,
+            read,
+            write,
+            idle,
+        } = timeouts.unwrap_or_default();
+        let g = globals.upstream;
+        let timeouts = UpstreamTimeouts {
+            connect: self.duration(connect, g.connect),
+            response_header: self.duration(response_header, g.response_header),
+            read: self.duration(read, g.read),
+            write: self.duration(write, g.write),
+            idle: self.duration(idle, g.idle),
+        };
+        let weights: Vec<u32> = list.iter().map(|s| s.weight).collect();
+        Upstream {
+            name: name.to_owned(),
+            balancer: SmoothWeighted::new(&weights),
+            servers: list,
+            timeouts,
+            max_idle_per_server,
+            metrics: metrics.upstream(name),
+        }
+    }
+
+    fn routes(
+        &mut self,
+        routes: Vec<Spanned<RouteSection>>,
+        upstreams: &[(String, Arc<Upstream>)],
+        globals: &Globals,
+        limits: &Limits,
+        metrics: &Metrics,
+    ) -> Vec<Arc<Route>> {
+        let mut names: HashMap<String, Range<usize>> = HashMap::new();
+        // (host, path) -> (route name, span of its path); the router could only ever pick one.
+        let mut pairs: HashMap<RouteKey, (Arc<str>, Range<usize>)> = HashMap::new();
+        let mut out = Vec::with_capacity(routes.len());
+        for (index, route) in routes.into_iter().enumerate() {
+            let route_span = route.span();
+            let RouteSection {
+                name,
+                host,
+                path,
+                upstream,
+                respond,
+                max_body_bytes,
+                timeouts,
+                access_log,
+            } = route.into_inner();
+
+            let (name, name_span): (Arc<str>, _) = match name {
+                Some(n) => {
+                    self.check(n.span(), values::name("route", n.get_ref()));
+                    (n.get_ref().as_str().into(), n.span())
+                }
+                None => (format!("route{}", index + 1).into(), route_span.clone()),
+            };
+            if let Some(first) = names.get(&*name) {
+                let message = format!(
+                    "duplicate route name {name:?} (first used on line {}); route names must be unique",
+                    self.line_of(first)
+                );
+                self.report(name_span, message);
+            } else {
+                names.insert(name.to_string(), name_span);
+            }
+
+            let host = host.and_then(|h| self.check(h.span(), values::host(h.get_ref())));
+            self.check(path.span(), values::path(path.get_ref()));
+            let key = (host.as_ref().map(HostKey::from), path.get_ref().clone());
+            if let Some((first, first_span)) = pairs.get(&key) {
+                let message = format!(
+                    "route {name:?} has the same host and path as route {first:?} (line {}); only one could ever match",
+                    self.line_of(first_span)
+                );
+                self.report(path.span(), message);
+            } else {
+                pairs.insert(key, (name.clone(), path.span()));
+            }
+
+            let RouteTimeoutsSection {
+                client_body,
+                response_header,
+                upstream_read,
+                upstream_write,
+            } = timeouts.unwrap_or_default();
+            let client_body_timeout = self.duration(client_body, globals.client_body);
+
+            let (action, upstream_timeouts) = match (upstream, respond) {
+                (Some(u), Some(r)) => {
+                    let later = if u.span().start > r.span().start {
+                        u.span()
+                    } else {
+                        r.span()
+                    };
+                    self.report(
+                        later,
+                        "a route takes either `upstream` or `respond`, not both; keep one",
+                    );
+                    (None, None)
+                }
+                (None, None) => {
+                    self.report(
+                        route_span,
+                        format!("route {name:?} needs `upstream = \"<name>\"` or `respond = {{ status = 200 }}`"),
+                    );
+                    (None, None)
+                }
+                (Some(u), None) => {
+                    match upstreams.iter().position(|(n, _)| n == u.get_ref()) {
+                        Some(i) => {
+                            let base = upstreams[i].1.timeouts;
+                            let timeouts = UpstreamTimeouts {
+                                connect: base.connect,
+                                response_header: self
+                                    .duration(response_header, base.response_header),
+                                read: self.duration(upstream_read, base.read),
+                                write: self.duration(upstream_write, base.write),
+                                idle: base.idle,
+                            };
+                            (Some(RouteAction::Proxy(UpstreamId(i))), Some(timeouts))
+                        }
+                        None => {
+                            let known: Vec<&str> =
+                                upstreams.iter().map(|(n, _)| n.as_str()).collect();
+                            let message = if known.is_empty() {
+                                format!(
+                                    "unknown upstream {:?}: no [upstream.<name>] is defined",
+                                    u.get_ref()
+                                )
+                            } else {
+                                format!(
+                                    "unknown upstream {:?} (defined: {})",
+                                    u.get_ref(),
+                                    known.join(", ")
+                                )
+                            };
+                            self.report(u.span(), message);
+                            (None, None)
+                        }
+                    }
+                }
+                (None, Some(r)) => {
+                    // These only time the exchange with an upstream, which this route never has.
+                    for (key, value) in [
+                        ("response_header", &response_header),
+                        ("upstream_read", &upstream_read),
+                        ("upstream_write", &upstream_write),
+                    ] {
+                        if let Some(v) = value {
+                            let message = format!(
+                                "timeouts.{key} has no effect on a route that uses `respond`; remove it"
+                            );
+                            self.report(v.span(), message);
+                        }
+                    }
+                    let response = self.respond(r);
+                    (response.map(RouteAction::Respond), None)
+                }
+            };
+
+            let max_body_bytes = self.size(max_body_bytes, limits.max_body_bytes);
+            // A failed check leaves no action; the whole compile fails, so no route is built.
+            let Some(action) = action else { continue };
+            out.push(Arc::new(Route {
+                metrics: metrics.route(&name),
+                name,
+                host,
+                path: path.into_inner(),
+                action,
+                max_body_bytes,
+                client_body_timeout,
+                upstream_timeouts,
+                access_log: access_log.unwrap_or(true),
+            }));
+        }
+        out
+    }
+
+    fn respond(&mut self, r: Spanned<RespondSection>) -> Option<FixedResponse> {
+        let RespondSection {
+            status,
+            body,
+            content_type,
+        } = r.into_inner();
+        let code = self.int_in(&status, "respond.status", 200..=599);
+        let body_text = body.as_ref().map_or("", |b| b.get_ref().as_str());
+        // RFC 9110 §15.3.5 and §15.4.5: 204 and 304 responses end at the head.
+        if let (Some(c @ (204 | 304)), Some(b)) = (code, &body) {
+            if !b.get_ref().is_empty() {
+                self.report(
+                    b.span(),
+                    format!("a {c} response cannot have a body (RFC 9110); remove `body`"),
+                );
+            }
+        }
+        let content_type = match content_type {
+            None => defaults::CONTENT_TYPE.to_owned(),
+            Some(ct) => {
+                // A header value: visible ASCII, spaces and tabs (RFC 9110 §5.5); a CR or LF here
+                // would let the config inject headers.
+                let ok = ct
+                    .get_ref()
+                    .bytes()
+                    .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic());
+                if !ok || ct.get_ref().trim().is_empty() {
+                    self.report(
+                        ct.span(),
+                        "respond.content_type must be a non-empty header value of visible ASCII characters",
+                    );
+                }
+                ct.into_inner()
+            }
+        };
+        Some(FixedResponse {
+            status: u16::try_from(code?).ok()?,
+            body: bytes::Bytes::from(body_text.to_owned()),
+            content_type,
+        })
+    }
+}
+
+/// A route's (host, path): two routes with the same key are a config error.
+type RouteKey = (Option<HostKey>, String);
+
+/// `HostMatch` without `Hash`; the duplicate check only needs equality.
+#[derive(PartialEq, Eq, Hash)]
+enum HostKey {
+    Exact(String),
+    Suffix(String),
+}
+
+impl From<&HostMatch> for HostKey {
+    fn from(h: &HostMatch) -> HostKey {
+        match h {
+            HostMatch::Exact(s) => HostKey::Exact(s.clone()),
+            HostMatch::Suffix(s) => HostKey::Suffix(s.clone()),
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The config file as the user writes it: the serde schema of `gatehouse.toml`.
+//!
+//! Neighbours: `mod.rs` parses TOML into these types, `compile.rs` validates them into a
+//! `snapshot::Snapshot`. Nothing here is checked beyond its TOML type: every value a later check
+//! can reject is kept as `Spanned<T>`, so that `compile.rs` can point at it. Every table denies
+//! unknown keys, so a misspelt key is an error instead of a silently ignored setting.
+//! `docs/config.md` documents every key; keep the two in step.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub workers: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub log: LogSection,
+    pub admin: Option<AdminSection>,
+    #[serde(default)]
+    pub timeouts: GlobalTimeouts,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub listener: Vec<Spanned<ListenerSection>>,
+    /// Keyed by name; `compile.rs` restores file order from the key spans.
+    #[serde(default)]
+    pub upstream: BTreeMap<Spanned<String>, UpstreamSection>,
+    /// Spanned so that a check about the route as a whole can point at its `[[route]]` header.
+    #[serde(default)]
+    pub route: Vec<Spanned<RouteSection>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub access: Option<Spanned<AccessValue>>,
+    pub format: Option<Spanned<String>>,
+}
+
+/// `access = "stdout" | "stderr" | "<path>" | false`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessValue {
+    Off,
+    Target(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: Spanned<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalTimeouts {
+    pub client_header: Option<Spanned<DurationValue>>,
+    pub client_body: Option<Spanned<DurationValue>>,
+    pub client_idle: Option<Spanned<DurationValue>>,
+    pub connect: Option<Spanned<DurationValue>>,
+    pub response_header: Option<Spanned<DurationValue>>,
+    pub upstream_read: Option<Spanned<DurationValue>>,
+    pub upstream_write: Option<Spanned<DurationValue>>,
+    pub upstream_idle: Option<Spanned<DurationValue>>,
+    pub shutdown_grace: Option<Spanned<DurationValue>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub max_header_bytes: Option<Spanned<SizeValue>>,
+    pub max_headers: Option<Spanned<i64>>,
+    pub max_uri_bytes: Option<Spanned<SizeValue>>,
+    pub max_body_bytes: Option<Spanned<SizeValue>>,
+    pub max_connections: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    pub name: Spanned<String>,
+    pub listen: Spanned<String>,
+    pub max_connections: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub servers: Spanned<Vec<Spanned<ServerEntry>>>,
+    pub keepalive: Option<Spanned<i64>>,
+    pub timeouts: Option<UpstreamTimeoutsSection>,
+}
+
+/// A server is either `"IP:port"` or `{ address = "IP:port", weight = 3 }`.
+#[derive(Debug)]
+pub enum ServerEntry {
+    /// The address alone; its position is the enclosing `Spanned`'s.
+    Address(String),
+    Table(ServerTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTable {
+    pub address: Spanned<String>,
+    pub weight: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTimeoutsSection {
+    pub connect: Option<Spanned<DurationValue>>,
+    pub response_header: Option<Spanned<DurationValue>>,
+    pub read: Option<Spanned<DurationValue>>,
+    pub write: Option<Spanned<DurationValue>>,
+    pub idle: Option<Spanned<DurationValue>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub name: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    pub path: Spanned<String>,
+    pub upstream: Option<Spanned<String>>,
+    pub respond: Option<Spanned<RespondSection>>,
+    pub max_body_bytes: Option<Spanned<SizeValue>>,
+    pub timeouts: Option<RouteTimeoutsSection>,
+    pub access_log: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespondSection {
+    pub status: Spanned<i64>,
+    pub body: Option<Spanned<String>>,
+    pub content_type: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTimeoutsSection {
+    pub client_body: Option<Spanned<DurationValue>>,
+    pub response_header: Option<Spanned<DurationValue>>,
+    pub upstream_read: Option<Spanned<DurationValue>>,
+    pub upstream_write: Option<Spanned<DurationValue>>,
+}
+
+/// A duration as written: an integer (seconds) or a string such as `"500ms"`. Parsed, with its
+/// position, in `compile.rs`, so that every bad value in the file is reported at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DurationValue {
+    Seconds(i64),
+    Text(String),
+}
+
+/// A size as written: an integer (bytes) or a string such as `"16KiB"`. Parsed in `compile.rs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SizeValue {
+    Bytes(i64),
+    Text(String),
+}
+
+// The hand-written impls below accept "this type or that type" without `#[serde(untagged)]`:
+// untagged enums buffer the value, which loses the position that `Spanned` needs and replaces the
+// error with "data did not match any variant".
+
+impl<'de> Deserialize<'de> for AccessValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = AccessValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"stdout\", \"stderr\", a file path, or false")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<AccessValue, E> {
+                if v {
+                    Err(E::invalid_value(de::Unexpected::Bool(v), &self))
+                } else {
+                    Ok(AccessValue::Off)
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AccessValue, E> {
+                Ok(AccessValue::Target(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = DurationValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a duration such as "500ms", "10s", "5m", "1h", or an integer number of seconds"#)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<DurationValue, E> {
+                Ok(DurationValue::Seconds(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationValue, E> {
+                Ok(DurationValue::Seconds(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationValue, E> {
+                Ok(DurationValue::Text(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for SizeValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = SizeValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a size such as "16KiB", "1MiB", "1GiB", or an integer number of bytes"#)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<SizeValue, E> {
+                Ok(SizeValue::Bytes(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<SizeValue, E> {
+                Ok(SizeValue::Bytes(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SizeValue, E> {
+                Ok(SizeValue::Text(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ServerEntry;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a server address "IP:port" or a table { address = "IP:port", weight = N }"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ServerEntry, E> {
+                Ok(ServerEntry::Address(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ServerEntry, A::Error> {
+                let table = ServerTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(ServerEntry::Table(table))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

@@ -1,0 +1,196 @@
+//! One task per client connection: read a request head, hand it to the proxy, repeat while the
+//! connection stays persistent.
+//!
+//! Neighbours: `listener.rs` accepts and spawns `serve`; `http1::request` parses each head;
+//! `proxy::handle` serves the request. This module owns the client-side timeouts (header read,
+//! keep-alive idle) and the drain on shutdown: an idle connection is closed at once, a busy one
+//! finishes its request with `Connection: close`.
+//!
+//! While a connection sits idle between requests it holds no buffers: they are released before
+//! waiting and allocated again when bytes arrive, so ten thousand idle keep-alive clients cost
+//! their sockets and little else.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::app::Shared;
+use crate::config::snapshot::{ConnLimits, ConnTimeouts};
+use crate::http1::request::{self, HeadError, RequestHead};
+use crate::http1::write::{self, Persistence};
+use crate::http1::Field;
+use crate::proxy::{self, Next, ProxyError};
+
+/// First allocation for a request head; most heads fit, larger ones grow the buffer.
+const HEAD_BUF: usize = 4096;
+
+/// A client connection and the buffers its requests reuse.
+pub struct Client {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// The peer's IP as text, formatted once for X-Forwarded-For.
+    pub peer_ip: Arc<[u8]>,
+    /// Bytes read from the client and not yet consumed.
+    pub buf: BytesMut,
+    /// Scratch space for the heads we write.
+    pub out: Vec<u8>,
+    /// Read buffer for the upstream's response.
+    pub up_buf: BytesMut,
+}
+
+impl Client {
+    fn release_buffers(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        self.out = Vec::new();
+        self.up_buf = BytesMut::new();
+    }
+}
+
+/// Why no request head came.
+enum NoHead {
+    /// Closed, idle too long, or draining: nothing to answer.
+    Quiet,
+    /// The head was refused: answer with an error, then close.
+    Refused(HeadError),
+    /// The head did not arrive within `client_header`.
+    TimedOut,
+}
+
+pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    shared.metrics.connection_opened();
+    let mut client = Client {
+        stream,
+        peer,
+        peer_ip: peer.ip().to_string().into_bytes().into(),
+        buf: BytesMut::new(),
+        out: Vec::new(),
+        up_buf: BytesMut::new(),
+    };
+    let mut fields: Vec<Field> = Vec::new();
+    let mut first = true;
+    let mut linger = true;
+    loop {
+        // One snapshot per request: a reload between two requests applies to the second.
+        let snap = shared.config.load_full();
+        let head = read_head(&mut client, &snap.limits, &snap.timeouts, first, &shared, fields).await;
+        let mut head = match head {
+            Ok(head) => head,
+            Err(NoHead::Quiet) => {
+                linger = false;
+                break;
+            }
+            Err(NoHead::Refused(e)) => {
+                refuse(&mut client, ProxyError::Head(e), &shared).await;
+                break;
+            }
+            Err(NoHead::TimedOut) => {
+                refuse(&mut client, ProxyError::ClientTimeout, &shared).await;
+                break;
+            }
+        };
+        first = false;
+        let next = proxy::handle(&mut client, &head, &snap, &shared).await;
+        fields = std::mem::take(&mut head.fields);
+        drop(head);
+        if next == Next::Close {
+            break;
+        }
+        client.release_buffers();
+    }
+    if linger {
+        close_gracefully(&mut client.stream).await;
+    } else {
+        let _ = client.stream.shutdown().await;
+    }
+    shared.metrics.connection_closed();
+}
+
+async fn read_head(
+    client: &mut Client,
+    limits: &ConnLimits,
+    timeouts: &ConnTimeouts,
+    first: bool,
+    shared: &Shared,
+    fields: Vec<Field>,
+) -> Result<RequestHead, NoHead> {
+    let mut fields = Some(fields);
+    let start = Instant::now();
+    if client.buf.is_empty() {
+        // The first request must start within the header timeout; later ones within the
+        // keep-alive idle timeout.
+        let wait = if first { timeouts.client_header } else { timeouts.client_idle };
+        wait_readable(client, start + wait, shared).await?;
+    }
+    let deadline = if first { start + timeouts.client_header } else { Instant::now() + timeouts.client_header };
+    loop {
+        if !client.buf.is_empty() {
+            match request::parse(&mut client.buf, limits, fields.take().unwrap_or_default()) {
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(e) => return Err(NoHead::Refused(e)),
+            }
+        }
+        if client.buf.capacity() - client.buf.len() < 512 {
+            client.buf.reserve(HEAD_BUF);
+        }
+        match tokio::time::timeout_at(deadline, client.stream.read_buf(&mut client.buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(NoHead::Quiet),
+            Ok(Ok(_)) => {}
+            Err(_) => return Err(NoHead::TimedOut),
+        }
+    }
+}
+
+/// Waits, holding no buffer, until the client sends something; then reads it.
+async fn wait_readable(client: &mut Client, until: Instant, shared: &Shared) -> Result<(), NoHead> {
+    loop {
+        tokio::select! {
+            ready = client.stream.readable() => ready.map_err(|_| NoHead::Quiet)?,
+            _ = tokio::time::sleep_until(until) => return Err(NoHead::Quiet),
+            _ = shared.drain.cancelled() => return Err(NoHead::Quiet),
+        }
+        client.buf.reserve(HEAD_BUF);
+        match client.stream.try_read_buf(&mut client.buf) {
+            Ok(0) => return Err(NoHead::Quiet),
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(NoHead::Quiet),
+        }
+    }
+}
+
+/// Answers a request we could not even parse, and closes.
+async fn refuse(client: &mut Client, err: ProxyError, shared: &Shared) {
+    let status = err.status();
+    let body = err.body();
+    write::local_response(&mut client.out, status, b"text/plain; charset=utf-8", body.len(), Persistence::Close);
+    client.out.extend_from_slice(body.as_bytes());
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.stream.write_all(&client.out)).await;
+    shared.metrics.observe_request(Duration::ZERO);
+    tracing::debug!(client = %client.peer, status, error = %err, "request refused");
+}
+
+/// Closes so that the last response is not lost: shut our side, then read and discard what the
+/// client still sends for a short while. Closing with unread bytes would make the kernel send
+/// RST, and a client may then drop the response it has not read yet (nginx's lingering close).
+async fn close_gracefully(stream: &mut TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut budget: usize = 256 * 1024;
+    while budget > 0 {
+        match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => budget = budget.saturating_sub(n),
+            _ => break,
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Gatehouse: a memory-safe edge reverse proxy and load balancer.
+//!
+//! The path of one request through the modules:
+//!
+//! ```text
+//!  client ──TCP──► listener ──► conn ──(head parsed by http1::request)──► proxy  (the spine)
+//!                  accept,      keep-alive,                              │ router: (host, path) -> route
+//!                  conn cap     timeouts, drain                          │ respond route ─► fixed response
+//!                                                                        │ balance: pick a server
+//!                                                                        │ upstream::pool: idle conn or connect
+//!                                                                        │ http1::write: request head, body
+//!                                                                        │ http1::response: response head
+//!                                                                        ▼
+//!  client ◄───────────── response head + body streamed back ◄────────── upstream server
+//!                         access_log (off the request path), metrics
+//! ```
+//!
+//! `config` turns the TOML file into an immutable `Snapshot` that `app` publishes through an
+//! `ArcSwap`; a request loads it once. `admin` serves `/health` and `/metrics` with axum.
+
+pub mod access_log;
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod conn;
+pub mod http1;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod router;
+pub mod upstream;

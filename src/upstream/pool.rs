@@ -1,0 +1,117 @@
+//! Idle upstream connections, one pool shared by every runtime thread (as Pingora does, unlike
+//! nginx's per-worker pools, which is why nginx reuses fewer connections as workers grow).
+//!
+//! Keyed by `Server::key` (upstream name + address), which is stable across reloads, so a reload
+//! keeps warm connections to servers that remain. Locks are std mutexes held for a push or a pop,
+//! never across an await. Newest connections are reused first: they are the least likely to have
+//! been closed by the server's own idle timeout.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+#[derive(Debug, Default)]
+pub struct Pool {
+    servers: RwLock<HashMap<Arc<str>, Arc<ServerIdle>>>,
+}
+
+#[derive(Debug, Default)]
+struct ServerIdle {
+    idle: Mutex<Vec<Idle>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    stream: TcpStream,
+    expires: Instant,
+}
+
+impl Pool {
+    fn server(&self, key: &Arc<str>) -> Option<Arc<ServerIdle>> {
+        let servers = self.servers.read().unwrap_or_else(PoisonError::into_inner);
+        servers.get(key).cloned()
+    }
+
+    /// An idle connection to the server, if one is alive. Connections that expired, were closed
+    /// by the server, or have unexpected bytes waiting are discarded on the way.
+    pub fn checkout(&self, key: &Arc<str>) -> Option<TcpStream> {
+        let server = self.server(key)?;
+        let now = Instant::now();
+        loop {
+            let idle = {
+                let mut list = server.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                list.pop()?
+            };
+            if idle.expires > now && is_quiet(&idle.stream) {
+                return Some(idle.stream);
+            }
+        }
+    }
+
+    /// Returns a connection that finished an exchange cleanly. Over `max_idle`, the oldest idle
+    /// connection is closed instead.
+    pub fn checkin(&self, key: &Arc<str>, stream: TcpStream, max_idle: usize, idle: Duration) {
+        if max_idle == 0 {
+            return;
+        }
+        let server = match self.server(key) {
+            Some(s) => s,
+            None => {
+                let mut servers = self.servers.write().unwrap_or_else(PoisonError::into_inner);
+                Arc::clone(servers.entry(Arc::clone(key)).or_default())
+            }
+        };
+        let evicted = {
+            let mut list = server.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            list.push(Idle {
+                stream,
+                expires: Instant::now() + idle,
+            });
+            (list.len() > max_idle).then(|| list.remove(0))
+        };
+        // Closed outside the lock.
+        drop(evicted);
+    }
+
+    /// Closes expired connections; run periodically so idle sockets do not linger past their
+    /// timeout when no request comes to take them.
+    pub fn reap(&self) {
+        let now = Instant::now();
+        let servers: Vec<Arc<ServerIdle>> = {
+            let servers = self.servers.read().unwrap_or_else(PoisonError::into_inner);
+            servers.values().cloned().collect()
+        };
+        for server in servers {
+            let expired: Vec<Idle> = {
+                let mut list = server.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                let (keep, expired) = std::mem::take(&mut *list)
+                    .into_iter()
+                    .partition(|i| i.expires > now);
+                *list = keep;
+                expired
+            };
+            drop(expired);
+        }
+    }
+
+    /// Idle connections held for `key`, for tests and the admin API.
+    pub fn idle_count(&self, key: &str) -> usize {
+        let servers = self.servers.read().unwrap_or_else(PoisonError::into_inner);
+        servers.get(key).map_or(0, |s| {
+            s.idle.lock().unwrap_or_else(PoisonError::into_inner).len()
+        })
+    }
+}
+
+/// True when nothing is waiting on the socket: no FIN, no RST, no stray bytes. A non-blocking
+/// peek costs one syscall and catches most connections the server closed while idle; the retry
+/// in `proxy.rs` covers the rest (a close racing with our request).
+fn is_quiet(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    match stream.try_read(&mut probe) {
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        Ok(_) => false,
+    }
+}

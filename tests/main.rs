@@ -1,0 +1,29 @@
+//! Gatehouse's integration tests, built as one binary (`cargo test --test main`).
+//!
+//! Every test talks to 127.0.0.1 over real sockets: `support` starts Gatehouse in-process on port
+//! 0 (or runs the binary), real upstream servers (hyper, or raw TCP that misbehaves on purpose) and
+//! real clients (reqwest, or raw bytes for what a well-behaved client would never send).
+//!
+//! The test modules live in `tests/suite/` rather than directly in `tests/`: Cargo builds every
+//! `tests/*.rs` file as a binary of its own, and these modules only make sense inside this one.
+
+mod support;
+
+#[path = "suite/admin.rs"]
+mod admin;
+#[path = "suite/balancing.rs"]
+mod balancing;
+#[path = "suite/cli.rs"]
+mod cli;
+#[path = "suite/errors.rs"]
+mod errors;
+#[path = "suite/pooling.rs"]
+mod pooling;
+#[path = "suite/routing.rs"]
+mod routing;
+#[path = "suite/shutdown.rs"]
+mod shutdown;
+#[path = "suite/smuggling.rs"]
+mod smuggling;
+#[path = "suite/streaming.rs"]
+mod streaming;

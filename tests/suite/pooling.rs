@@ -1,0 +1,92 @@
+//! Upstream connections are pooled and reused, and a pooled connection that died while idle
+//! does not fail the next request.
+
+use std::time::Duration;
+
+use crate::support::raw::{RawConn, RawUpstream};
+use crate::support::{client, route_toml, upstream_toml, HttpUpstream, Proxy};
+
+/// "1 or very few": sequential requests can only need a second connection when one is handed
+/// back to the pool a moment after the next request looked for it.
+const FEW: usize = 5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_on_one_client_connection_reuse_upstream_connections() {
+    let up = HttpUpstream::fixed("pooled\n").await;
+    let proxy = Proxy::start(&format!(
+        "{}{}",
+        upstream_toml("app", &[up.addr()]),
+        route_toml("/", "app")
+    ))
+    .await;
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    for i in 0..200 {
+        conn.send(format!("GET /p/{i} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes())
+            .await;
+        let resp = conn.read_response(false).await;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.head);
+        assert_eq!(resp.body_text(), "pooled\n");
+    }
+    assert_eq!(up.requests(), 200);
+    assert!(
+        up.connections() <= FEW,
+        "200 sequential requests opened {} upstream connections",
+        up.connections()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_from_different_client_connections_share_the_pool() {
+    let up = HttpUpstream::fixed("pooled\n").await;
+    let proxy = Proxy::start(&format!(
+        "{}{}",
+        upstream_toml("app", &[up.addr()]),
+        route_toml("/", "app")
+    ))
+    .await;
+    for i in 0..50 {
+        // A new client connection each time: the upstream connection must outlive it.
+        let mut conn = RawConn::connect(proxy.addr()).await;
+        conn.send(format!("GET /c/{i} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").as_bytes())
+            .await;
+        let resp = conn.read_response(false).await;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.head);
+    }
+    assert_eq!(up.requests(), 50);
+    assert!(
+        up.connections() <= FEW,
+        "50 sequential requests from separate client connections opened {} upstream connections",
+        up.connections()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connection_closed_by_upstream_is_not_an_error() {
+    let up = RawUpstream::close_after_response().await;
+    let proxy = Proxy::start(&format!(
+        "{}{}",
+        upstream_toml("app", &[up.addr()]),
+        route_toml("/", "app")
+    ))
+    .await;
+    let http = client();
+    for i in 0..20 {
+        // Half the time let the upstream's FIN arrive before the next request (the pool can
+        // see the connection is dead); half the time race it (the request must be retried).
+        if i % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let resp = http
+            .get(proxy.url(&format!("/stale/{i}")))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "ok\n"),
+            "request {i} after the upstream closed its idle connection"
+        );
+    }
+}
