@@ -118,9 +118,9 @@ mod tests {
         assert_eq!(line_col(text, 0), (1, 1));
         assert_eq!(line_col(text, 4), (1, 5));
         assert_eq!(line_col(text, 6), (2, 1));
-        // 'x' follows a two-byte character: byte 14, character column 9.
-        assert_eq!(text.find('x'), Some(14));
-        assert_eq!(line_col(text, 14), (2, 9));
+        // 'x' follows a two-byte character: byte 15, character column 9.
+        assert_eq!(text.find('x'), Some(15));
+        assert_eq!(line_col(text, 15), (2, 9));
         assert_eq!(line_col(text, 999), (3, 1));
     }
 
