@@ -118,7 +118,7 @@ mod tests {
     }
 
     fn name<'a>(r: &'a Router, host: &str, path: &str) -> Option<&'a str> {
-        r.find(host, path.as_bytes()).map(|r| r.name.as_str())
+        r.find(host, path.as_bytes()).map(|r| &*r.name)
     }
 
     #[test]

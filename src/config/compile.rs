@@ -54,7 +54,7 @@ mod defaults {
     pub const MAX_BODY_BYTES: u64 = 1024 * 1024;
     pub const MAX_CONNECTIONS: i64 = 10_000;
 
-    pub const KEEPALIVE: i64 = 32;
+    pub const KEEPALIVE: i64 = 128;
     pub const WEIGHT: i64 = 1;
     pub const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 }
@@ -93,19 +93,34 @@ pub(crate) fn compile(
     let globals = c.global_timeouts(timeouts);
     let limits = c.limits(limits);
     let listeners = c.listeners(listener, &limits, admin.as_ref());
-    let upstreams = c.upstreams(upstream, &globals, metrics);
-    let routes = c.routes(route, &upstreams, &globals, &limits, metrics);
+    let upstreams = c.upstreams(upstream, &globals);
+    let routes = c.routes(route, &upstreams, &globals, &limits);
 
     if !c.problems.is_empty() {
         return Err(c.problems);
     }
+    // Metrics are attached only now, so a rejected file adds no names to the registry.
+    let upstreams: Vec<Arc<Upstream>> = upstreams
+        .into_iter()
+        .map(|mut u| {
+            u.metrics = metrics.upstream(&u.name);
+            Arc::new(u)
+        })
+        .collect();
+    let routes: Vec<Arc<Route>> = routes
+        .into_iter()
+        .map(|mut r| {
+            r.metrics = metrics.route(&r.name);
+            Arc::new(r)
+        })
+        .collect();
     let router = Router::build(&routes);
     Ok(Snapshot {
         workers: workers.map(|w| w.unsigned_abs() as usize),
         log,
         admin: admin.map(|(a, _)| a),
         listeners,
-        upstreams: upstreams.into_iter().map(|(_, u)| u).collect(),
+        upstreams,
         routes,
         router,
         limits: limits.conn,
@@ -235,7 +250,8 @@ impl Checker<'_> {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
                 other => {
-                    let message = format!("bad log.format {other:?}: expected \"text\" or \"json\"");
+                    let message =
+                        format!("bad log.format {other:?}: expected \"text\" or \"json\"");
                     self.report(f.span(), message);
                     LogFormat::Text
                 }
@@ -371,32 +387,23 @@ impl Checker<'_> {
         out
     }
 
-    /// Upstreams in file order, each with its name for the routes' lookup.
+    /// Upstreams in file order, so that `UpstreamId`s follow the file. Metrics are placeholders.
     fn upstreams(
         &mut self,
         upstreams: std::collections::BTreeMap<Spanned<String>, UpstreamSection>,
         globals: &Globals,
-        metrics: &Metrics,
-    ) -> Vec<(String, Arc<Upstream>)> {
+    ) -> Vec<Upstream> {
         let mut upstreams: Vec<_> = upstreams.into_iter().collect();
         upstreams.sort_by_key(|(name, _)| name.span().start);
         let mut out = Vec::with_capacity(upstreams.len());
         for (name, section) in upstreams {
             self.check(name.span(), values::name("upstream", name.get_ref()));
-            let name = name.into_inner();
-            let upstream = self.upstream(&name, section, globals, metrics);
-            out.push((name, Arc::new(upstream)));
+            out.push(self.upstream(name.into_inner(), section, globals));
         }
         out
     }
 
-    fn upstream(
-        &mut self,
-        name: &str,
-        section: UpstreamSection,
-        globals: &Globals,
-        metrics: &Metrics,
-    ) -> Upstream {
+    fn upstream(&mut self, name: String, section: UpstreamSection, globals: &Globals) -> Upstream {
         let UpstreamSection {
             servers,
             keepalive,
@@ -460,23 +467,22 @@ impl Checker<'_> {
         };
         let weights: Vec<u32> = list.iter().map(|s| s.weight).collect();
         Upstream {
-            name: name.to_owned(),
+            name,
             balancer: SmoothWeighted::new(&weights),
             servers: list,
             timeouts,
             max_idle_per_server,
-            metrics: metrics.upstream(name),
+            metrics: Arc::default(),
         }
     }
 
     fn routes(
         &mut self,
         routes: Vec<Spanned<RouteSection>>,
-        upstreams: &[(String, Arc<Upstream>)],
+        upstreams: &[Upstream],
         globals: &Globals,
         limits: &Limits,
-        metrics: &Metrics,
-    ) -> Vec<Arc<Route>> {
+    ) -> Vec<Route> {
         let mut names: HashMap<String, Range<usize>> = HashMap::new();
         // (host, path) -> (route name, span of its path); the router could only ever pick one.
         let mut pairs: HashMap<RouteKey, (Arc<str>, Range<usize>)> = HashMap::new();
@@ -531,7 +537,7 @@ impl Checker<'_> {
                 upstream_write,
             } = timeouts.unwrap_or_default();
             let client_body_timeout = self.duration(client_body, globals.client_body);
-
+            let overrides = [response_header, upstream_read, upstream_write];
             let (action, upstream_timeouts) = match (upstream, respond) {
                 (Some(u), Some(r)) => {
                     let later = if u.span().start > r.span().start {
@@ -546,53 +552,20 @@ impl Checker<'_> {
                     (None, None)
                 }
                 (None, None) => {
-                    self.report(
-                        route_span,
-                        format!("route {name:?} needs `upstream = \"<name>\"` or `respond = {{ status = 200 }}`"),
+                    let message = format!(
+                        "route {name:?} needs `upstream = \"<name>\"` or `respond = {{ status = 200 }}`"
                     );
+                    self.report(route_span, message);
                     (None, None)
                 }
-                (Some(u), None) => {
-                    match upstreams.iter().position(|(n, _)| n == u.get_ref()) {
-                        Some(i) => {
-                            let base = upstreams[i].1.timeouts;
-                            let timeouts = UpstreamTimeouts {
-                                connect: base.connect,
-                                response_header: self
-                                    .duration(response_header, base.response_header),
-                                read: self.duration(upstream_read, base.read),
-                                write: self.duration(upstream_write, base.write),
-                                idle: base.idle,
-                            };
-                            (Some(RouteAction::Proxy(UpstreamId(i))), Some(timeouts))
-                        }
-                        None => {
-                            let known: Vec<&str> =
-                                upstreams.iter().map(|(n, _)| n.as_str()).collect();
-                            let message = if known.is_empty() {
-                                format!(
-                                    "unknown upstream {:?}: no [upstream.<name>] is defined",
-                                    u.get_ref()
-                                )
-                            } else {
-                                format!(
-                                    "unknown upstream {:?} (defined: {})",
-                                    u.get_ref(),
-                                    known.join(", ")
-                                )
-                            };
-                            self.report(u.span(), message);
-                            (None, None)
-                        }
-                    }
-                }
+                (Some(u), None) => match self.proxy(&u, upstreams, overrides) {
+                    Some((id, timeouts)) => (Some(RouteAction::Proxy(id)), Some(timeouts)),
+                    None => (None, None),
+                },
                 (None, Some(r)) => {
                     // These only time the exchange with an upstream, which this route never has.
-                    for (key, value) in [
-                        ("response_header", &response_header),
-                        ("upstream_read", &upstream_read),
-                        ("upstream_write", &upstream_write),
-                    ] {
+                    let keys = ["response_header", "upstream_read", "upstream_write"];
+                    for (key, value) in keys.into_iter().zip(overrides) {
                         if let Some(v) = value {
                             let message = format!(
                                 "timeouts.{key} has no effect on a route that uses `respond`; remove it"
@@ -600,16 +573,14 @@ impl Checker<'_> {
                             self.report(v.span(), message);
                         }
                     }
-                    let response = self.respond(r);
-                    (response.map(RouteAction::Respond), None)
+                    (self.respond(r).map(RouteAction::Respond), None)
                 }
             };
 
             let max_body_bytes = self.size(max_body_bytes, limits.max_body_bytes);
             // A failed check leaves no action; the whole compile fails, so no route is built.
             let Some(action) = action else { continue };
-            out.push(Arc::new(Route {
-                metrics: metrics.route(&name),
+            out.push(Route {
                 name,
                 host,
                 path: path.into_inner(),
@@ -618,9 +589,46 @@ impl Checker<'_> {
                 client_body_timeout,
                 upstream_timeouts,
                 access_log: access_log.unwrap_or(true),
-            }));
+                metrics: Arc::default(),
+            });
         }
         out
+    }
+
+    /// A proxy route's upstream and its timeouts: the upstream's, with the route's
+    /// `response_header`, `upstream_read` and `upstream_write` overrides (in that order) applied.
+    fn proxy(
+        &mut self,
+        upstream: &Spanned<String>,
+        upstreams: &[Upstream],
+        [response_header, read, write]: [Option<Spanned<DurationValue>>; 3],
+    ) -> Option<(UpstreamId, UpstreamTimeouts)> {
+        let Some(i) = upstreams.iter().position(|u| &u.name == upstream.get_ref()) else {
+            let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+            let message = if known.is_empty() {
+                format!(
+                    "unknown upstream {:?}: no [upstream.<name>] is defined",
+                    upstream.get_ref()
+                )
+            } else {
+                format!(
+                    "unknown upstream {:?} (defined: {})",
+                    upstream.get_ref(),
+                    known.join(", ")
+                )
+            };
+            self.report(upstream.span(), message);
+            return None;
+        };
+        let base = upstreams[i].timeouts;
+        let timeouts = UpstreamTimeouts {
+            connect: base.connect,
+            response_header: self.duration(response_header, base.response_header),
+            read: self.duration(read, base.read),
+            write: self.duration(write, base.write),
+            idle: base.idle,
+        };
+        Some((UpstreamId(i), timeouts))
     }
 
     fn respond(&mut self, r: Spanned<RespondSection>) -> Option<FixedResponse> {

@@ -219,7 +219,9 @@ impl<'de> Deserialize<'de> for SizeValue {
         impl Visitor<'_> for V {
             type Value = SizeValue;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(r#"a size such as "16KiB", "1MiB", "1GiB", or an integer number of bytes"#)
+                f.write_str(
+                    r#"a size such as "16KiB", "1MiB", "1GiB", or an integer number of bytes"#,
+                )
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<SizeValue, E> {
                 Ok(SizeValue::Bytes(v))
@@ -241,7 +243,9 @@ impl<'de> Deserialize<'de> for ServerEntry {
         impl<'de> Visitor<'de> for V {
             type Value = ServerEntry;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(r#"a server address "IP:port" or a table { address = "IP:port", weight = N }"#)
+                f.write_str(
+                    r#"a server address "IP:port" or a table { address = "IP:port", weight = N }"#,
+                )
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ServerEntry, E> {
                 Ok(ServerEntry::Address(v.to_owned()))

@@ -141,7 +141,10 @@ respond = { status = 200, body = "hello\n", content_type = "text/plain; charset=
             .map(|r| &*r.name),
         Some("api")
     );
-    assert_eq!(s.router.find("other", b"/x").map(|r| &*r.name), Some("route2"));
+    assert_eq!(
+        s.router.find("other", b"/x").map(|r| &*r.name),
+        Some("route2")
+    );
 }
 
 #[test]
@@ -165,7 +168,7 @@ fn defaults_fill_every_omitted_key() {
 
     let app = s.upstream(UpstreamId(0));
     assert_eq!(app.servers[0].weight, 1);
-    assert_eq!(app.max_idle_per_server, 32);
+    assert_eq!(app.max_idle_per_server, 128);
     assert_eq!(app.timeouts.connect, Duration::from_secs(5));
     assert_eq!(app.timeouts.response_header, Duration::from_secs(60));
     assert_eq!(app.timeouts.read, Duration::from_secs(60));
@@ -238,7 +241,9 @@ upstream = "b"
     assert_eq!(ra.max_body_bytes, 10);
     assert_eq!(ra.client_body_timeout, Duration::from_secs(1));
     assert!(!ra.access_log);
-    let t = ra.upstream_timeouts.unwrap_or_else(|| panic!("proxy route"));
+    let t = ra
+        .upstream_timeouts
+        .unwrap_or_else(|| panic!("proxy route"));
     assert_eq!(t.connect, Duration::from_millis(500));
     assert_eq!(t.response_header, Duration::from_secs(3600));
     assert_eq!(t.read, Duration::from_secs(120));
@@ -249,7 +254,10 @@ upstream = "b"
     assert!(matches!(rb.action, RouteAction::Proxy(UpstreamId(1))));
     assert_eq!(rb.max_body_bytes, 2 * 1024 * 1024);
     assert_eq!(rb.client_body_timeout, Duration::from_secs(11));
-    assert_eq!(rb.upstream_timeouts, Some(s.upstream(UpstreamId(1)).timeouts));
+    assert_eq!(
+        rb.upstream_timeouts,
+        Some(s.upstream(UpstreamId(1)).timeouts)
+    );
 }
 
 #[test]
@@ -257,7 +265,10 @@ fn wildcard_host_is_stored_as_suffix() {
     let s = ok(&format!(
         "{LISTENER}[[route]]\nhost = \"*.Example.com\"\npath = \"/\"\nrespond = {{ status = 200 }}\n"
     ));
-    assert_eq!(s.routes[0].host, Some(HostMatch::Suffix(".example.com".into())));
+    assert_eq!(
+        s.routes[0].host,
+        Some(HostMatch::Suffix(".example.com".into()))
+    );
 }
 
 #[test]
@@ -271,16 +282,18 @@ fn upstreams_keep_file_order() {
 
 #[test]
 fn access_log_targets() {
-    let with = |v: &str| {
-        compile(&format!("[log]\naccess = {v}\n{LISTENER}")).map(|s| s.log.access)
-    };
+    let with = |v: &str| compile(&format!("[log]\naccess = {v}\n{LISTENER}")).map(|s| s.log.access);
     assert_eq!(with("false").ok(), Some(AccessTarget::Off));
     assert_eq!(with("\"stderr\"").ok(), Some(AccessTarget::Stderr));
     assert_eq!(
         with("\"/tmp/a.log\"").ok(),
         Some(AccessTarget::File("/tmp/a.log".into()))
     );
-    assert_one_error(&format!("[log]\naccess = true\n{LISTENER}"), "2:10", "file path, or false");
+    assert_one_error(
+        &format!("[log]\naccess = true\n{LISTENER}"),
+        "2:10",
+        "file path, or false",
+    );
 }
 
 // Every check below uses the exact position of the value at fault. Columns count characters from
@@ -319,7 +332,11 @@ fn duplicate_host_and_path() {
          [[route]]\nhost = \"A.com\"\npath = \"/\"\nrespond = {{ status = 200 }}\n\
          [[route]]\npath = \"/\"\nrespond = {{ status = 200 }}\n"
     );
-    assert_one_error(&text, "10:8", "same host and path as route \"route1\" (line 6)");
+    assert_one_error(
+        &text,
+        "10:8",
+        "same host and path as route \"route1\" (line 6)",
+    );
 }
 
 #[test]
@@ -328,7 +345,11 @@ fn duplicate_route_names() {
         "{LISTENER}[[route]]\nname = \"x\"\npath = \"/a\"\nrespond = {{ status = 200 }}\n\
          [[route]]\nname = \"x\"\npath = \"/b\"\nrespond = {{ status = 200 }}\n"
     );
-    assert_one_error(&text, "9:8", "duplicate route name \"x\" (first used on line 5)");
+    assert_one_error(
+        &text,
+        "9:8",
+        "duplicate route name \"x\" (first used on line 5)",
+    );
     // An explicit name can collide with the default name of a later route.
     let text = format!(
         "{LISTENER}[[route]]\nname = \"route2\"\npath = \"/a\"\nrespond = {{ status = 200 }}\n\
@@ -378,7 +399,9 @@ fn server_checks() {
         "bad server address",
     );
     assert_one_error(
-        &format!("{LISTENER}[upstream.a]\nservers = [{{ address = \"10.0.0.1:1\", weight = 1001 }}]\n"),
+        &format!(
+            "{LISTENER}[upstream.a]\nservers = [{{ address = \"10.0.0.1:1\", weight = 1001 }}]\n"
+        ),
         "5:47",
         "weight must be between 1 and 1000, got 1001",
     );
@@ -514,10 +537,16 @@ fn schema_errors_have_positions() {
         "5:11",
         "expected a duration such as",
     );
-    assert_one_error("[[listener]]\nname = \"web\"\n", "1:1", "missing field `listen`");
+    assert_one_error(
+        "[[listener]]\nname = \"web\"\n",
+        "1:1",
+        "missing field `listen`",
+    );
     assert_one_error("[[listener]\n", "1:12", "");
     assert_one_error(
-        &format!("{LISTENER}[upstream.a]\nservers = [{{ address = \"10.0.0.1:1\", wieght = 2 }}]\n"),
+        &format!(
+            "{LISTENER}[upstream.a]\nservers = [{{ address = \"10.0.0.1:1\", wieght = 2 }}]\n"
+        ),
         "5:38",
         "unknown field `wieght`",
     );
@@ -533,7 +562,10 @@ fn display_is_file_line_col_message() {
     let lines: Vec<&str> = shown.lines().collect();
     assert_eq!(lines.len(), 2);
     assert!(lines[0].starts_with("t.toml:1:1: no [[listener]]"));
-    assert_eq!(lines[1], "t.toml:1:11: workers must be between 1 and 1024, got 0");
+    assert_eq!(
+        lines[1],
+        "t.toml:1:11: workers must be between 1 and 1024, got 0"
+    );
 }
 
 #[test]

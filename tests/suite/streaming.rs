@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use crate::support::body::{self, Checksum};
 use crate::support::http_upstream::{text_response, Body};
 use crate::support::raw::RawConn;
-use crate::support::{client_with_timeout, route_toml, upstream_toml, Echo, HttpUpstream, Proxy};
+use crate::support::{client_with_timeout, upstream_toml, Echo, HttpUpstream, Proxy};
 
 const BIG: u64 = 64 * 1024 * 1024;
 

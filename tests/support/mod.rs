@@ -25,7 +25,6 @@ use std::time::Duration;
 pub use body::Checksum;
 pub use http_upstream::{Echo, HttpUpstream};
 pub use proxy::Proxy;
-pub use raw::{RawConn, RawExchange, RawUpstream};
 
 /// The longest any single step of a test may take before it is reported as a hang.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);

@@ -125,7 +125,7 @@ impl RawUpstream {
         RawUpstream::start(|mut stream, received| {
             Box::pin(async move {
                 if read_head(&mut stream, &received).await {
-                    let _ = stream.set_linger(Some(Duration::ZERO));
+                    let _ = stream.set_zero_linger();
                     drop(stream);
                 }
             })
