@@ -66,7 +66,10 @@ impl Gatehouse {
     }
 
     /// Starts serving an already compiled config (whose metrics came from `metrics`).
-    pub async fn start_with(snapshot: Snapshot, metrics: Arc<Metrics>) -> Result<Gatehouse, StartError> {
+    pub async fn start_with(
+        snapshot: Snapshot,
+        metrics: Arc<Metrics>,
+    ) -> Result<Gatehouse, StartError> {
         let access_log =
             AccessLog::start(&snapshot.log, Arc::clone(&metrics)).map_err(StartError::AccessLog)?;
         let mut bound = Vec::with_capacity(snapshot.listeners.len());
@@ -150,7 +153,10 @@ impl Gatehouse {
     }
 
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -173,7 +179,10 @@ impl Gatehouse {
         self.shared.drain.cancelled().await;
         self.connections.close();
         let grace = self.shared.config.load().timeouts.shutdown_grace;
-        if tokio::time::timeout(grace, self.connections.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.connections.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 remaining = self.connections.len(),
                 "shutdown grace period over; closing the remaining connections"

@@ -14,7 +14,11 @@ use crate::config;
 use crate::metrics::Metrics;
 
 #[derive(Debug, Parser)]
-#[command(name = "gatehouse", version, about = "A memory-safe edge reverse proxy and load balancer")]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "A memory-safe edge reverse proxy and load balancer"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -64,7 +68,10 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
     if let Some(workers) = snapshot.workers {
         builder.worker_threads(workers);
     }
-    let runtime = builder.enable_all().thread_name("gatehouse-worker").build()?;
+    let runtime = builder
+        .enable_all()
+        .thread_name("gatehouse-worker")
+        .build()?;
     runtime.block_on(async move {
         let gatehouse = Gatehouse::start_with(snapshot, metrics).await?;
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "gatehouse started");
@@ -91,7 +98,10 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
 /// Resolves with the signal's name on SIGTERM or SIGINT.
 async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers we can still serve; we just cannot drain on a signal.
         std::future::pending::<()>().await;
         return "never";

@@ -81,7 +81,15 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     loop {
         // One snapshot per request: a reload between two requests applies to the second.
         let snap = shared.config.load_full();
-        let head = read_head(&mut client, &snap.limits, &snap.timeouts, first, &shared, fields).await;
+        let head = read_head(
+            &mut client,
+            &snap.limits,
+            &snap.timeouts,
+            first,
+            &shared,
+            fields,
+        )
+        .await;
         let mut head = match head {
             Ok(head) => head,
             Err(NoHead::Quiet) => {
@@ -127,10 +135,18 @@ async fn read_head(
     if client.buf.is_empty() {
         // The first request must start within the header timeout; later ones within the
         // keep-alive idle timeout.
-        let wait = if first { timeouts.client_header } else { timeouts.client_idle };
+        let wait = if first {
+            timeouts.client_header
+        } else {
+            timeouts.client_idle
+        };
         wait_readable(client, start + wait, shared).await?;
     }
-    let deadline = if first { start + timeouts.client_header } else { Instant::now() + timeouts.client_header };
+    let deadline = if first {
+        start + timeouts.client_header
+    } else {
+        Instant::now() + timeouts.client_header
+    };
     loop {
         if !client.buf.is_empty() {
             match request::parse(&mut client.buf, limits, fields.take().unwrap_or_default()) {
@@ -172,9 +188,16 @@ async fn wait_readable(client: &mut Client, until: Instant, shared: &Shared) -> 
 async fn refuse(client: &mut Client, err: ProxyError, shared: &Shared) {
     let status = err.status();
     let body = err.body();
-    write::local_response(&mut client.out, status, b"text/plain; charset=utf-8", body.len(), Persistence::Close);
+    write::local_response(
+        &mut client.out,
+        status,
+        b"text/plain; charset=utf-8",
+        body.len(),
+        Persistence::Close,
+    );
     client.out.extend_from_slice(body.as_bytes());
-    let _ = tokio::time::timeout(Duration::from_secs(5), client.stream.write_all(&client.out)).await;
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), client.stream.write_all(&client.out)).await;
     shared.metrics.observe_request(Duration::ZERO);
     tracing::debug!(client = %client.peer, status, error = %err, "request refused");
 }

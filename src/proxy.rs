@@ -58,7 +58,12 @@ struct Exchange {
 }
 
 /// Serves one request on `client`. The head has been parsed and validated.
-pub async fn handle(client: &mut Client, head: &RequestHead, snap: &Snapshot, shared: &Shared) -> Next {
+pub async fn handle(
+    client: &mut Client,
+    head: &RequestHead,
+    snap: &Snapshot,
+    shared: &Shared,
+) -> Next {
     let started = Instant::now();
     let mut ex = Exchange {
         status: 0,
@@ -102,7 +107,12 @@ pub async fn handle(client: &mut Client, head: &RequestHead, snap: &Snapshot, sh
 }
 
 /// How the response to this client is delimited and whether the connection stays open.
-fn plan_response(head: &RequestHead, upstream_framing: Framing, shared: &Shared, ex: &Exchange) -> (Framing, Persistence) {
+fn plan_response(
+    head: &RequestHead,
+    upstream_framing: Framing,
+    shared: &Shared,
+    ex: &Exchange,
+) -> (Framing, Persistence) {
     let framing = match (upstream_framing, head.version) {
         (Framing::Empty, _) => Framing::Empty,
         (Framing::Length(n), _) => Framing::Length(n),
@@ -124,7 +134,8 @@ async fn respond(
     shared: &Shared,
     ex: &mut Exchange,
 ) -> Result<(), ProxyError> {
-    let (_, persistence) = plan_response(head, Framing::Length(fixed.body.len() as u64), shared, ex);
+    let (_, persistence) =
+        plan_response(head, Framing::Length(fixed.body.len() as u64), shared, ex);
     write::local_response(
         &mut client.out,
         fixed.status,
@@ -132,11 +143,18 @@ async fn respond(
         fixed.body.len(),
         persistence,
     );
-    let body: &[u8] = if head.method == Method::Head { &[] } else { &fixed.body };
+    let body: &[u8] = if head.method == Method::Head {
+        &[]
+    } else {
+        &fixed.body
+    };
     ex.status = fixed.status;
     ex.response_started = true;
     ex.close_announced = persistence == Persistence::Close;
-    let mut bufs = [std::io::IoSlice::new(&client.out), std::io::IoSlice::new(body)];
+    let mut bufs = [
+        std::io::IoSlice::new(&client.out),
+        std::io::IoSlice::new(body),
+    ];
     body::write_all_vectored(&mut client.stream, &mut bufs)
         .await
         .map_err(|_| ProxyError::ClientGone)?;
@@ -153,10 +171,15 @@ async fn forward(
     shared: &Shared,
     ex: &mut Exchange,
 ) -> Result<(), ProxyError> {
-    if let Framing::Length(n) = head.framing {
-        if n > route.max_body_bytes {
-            return Err(ProxyError::BodyTooLarge);
+    match head.framing {
+        Framing::Length(n) if n > route.max_body_bytes => return Err(ProxyError::BodyTooLarge),
+        Framing::Chunked => {
+            body::precheck_chunked(&client.buf).map_err(|e| match e {
+                RelayError::Malformed(what) => ProxyError::ClientBody(what),
+                _ => ProxyError::ClientBody("invalid chunked body"),
+            })?;
         }
+        _ => {}
     }
     let timeouts = route.upstream_timeouts.unwrap_or(upstream.timeouts);
     let started = Instant::now();
@@ -184,27 +207,52 @@ async fn forward(
     let mut up_buf = std::mem::take(&mut client.up_buf);
     let sent = send_request(client, head, route, &mut conn, timeouts.write, ex).await;
     let first = match sent {
-        Ok(()) => read_response_head(&mut conn, &mut up_buf, head, client, timeouts.response_header).await,
+        Ok(()) => {
+            read_response_head(
+                &mut conn,
+                &mut up_buf,
+                head,
+                client,
+                timeouts.response_header,
+            )
+            .await
+        }
         Err(e) => Err(e),
     };
     let response = match first {
         Ok(r) => r,
-        Err(ProxyError::Upstream(kind)) if conn.reused && retryable && kind != UpstreamErrorKind::Timeout => {
+        Err(ProxyError::Upstream(kind))
+            if conn.reused && retryable && kind != UpstreamErrorKind::Timeout =>
+        {
             // A pooled connection the server had already closed: the request never reached it,
             // and it is safe to send again, once, on a connection we open now.
             upstream.metrics.error(kind);
             up_buf.clear();
-            let stream = upstream::connect(server.address, timeouts.connect).await.map_err(|kind| {
-                upstream.metrics.error(kind);
-                ProxyError::Upstream(kind)
-            })?;
-            upstream.metrics.connections_opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            conn = UpstreamConn { stream, reused: false };
+            let stream = upstream::connect(server.address, timeouts.connect)
+                .await
+                .map_err(|kind| {
+                    upstream.metrics.error(kind);
+                    ProxyError::Upstream(kind)
+                })?;
+            upstream
+                .metrics
+                .connections_opened
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            conn = UpstreamConn {
+                stream,
+                reused: false,
+            };
             write::request_head(&mut client.out, head, fwd, head.framing);
             send_request(client, head, route, &mut conn, timeouts.write, ex).await?;
-            read_response_head(&mut conn, &mut up_buf, head, client, timeouts.response_header)
-                .await
-                .inspect_err(|e| count_upstream_error(upstream, e))?
+            read_response_head(
+                &mut conn,
+                &mut up_buf,
+                head,
+                client,
+                timeouts.response_header,
+            )
+            .await
+            .inspect_err(|e| count_upstream_error(upstream, e))?
         }
         Err(e) => {
             count_upstream_error(upstream, &e);
@@ -240,7 +288,12 @@ async fn forward(
             ex.bytes_sent = n;
             ex.response_done = true;
             if response.reusable && ex.request_done && up_buf.is_empty() {
-                shared.pool.checkin(&server.key, conn.stream, upstream.max_idle_per_server, timeouts.idle);
+                shared.pool.checkin(
+                    &server.key,
+                    conn.stream,
+                    upstream.max_idle_per_server,
+                    timeouts.idle,
+                );
             }
         }
         Err(e) => {
@@ -259,7 +312,11 @@ async fn forward(
 
 /// Picks a server and gets a connection to it: a pooled one, or a new one. A failed connect is
 /// always safe to try elsewhere, so it moves on to the next pick, a bounded number of times.
-async fn acquire(upstream: &Upstream, shared: &Shared, connect_timeout: Duration) -> Result<(usize, UpstreamConn), ProxyError> {
+async fn acquire(
+    upstream: &Upstream,
+    shared: &Shared,
+    connect_timeout: Duration,
+) -> Result<(usize, UpstreamConn), ProxyError> {
     use std::sync::atomic::Ordering::Relaxed;
     let attempts = upstream.servers.len().clamp(1, 3);
     let mut last = ProxyError::NoServers;
@@ -268,12 +325,24 @@ async fn acquire(upstream: &Upstream, shared: &Shared, connect_timeout: Duration
         let server = &upstream.servers[idx];
         if let Some(stream) = shared.pool.checkout(&server.key) {
             upstream.metrics.connections_reused.fetch_add(1, Relaxed);
-            return Ok((idx, UpstreamConn { stream, reused: true }));
+            return Ok((
+                idx,
+                UpstreamConn {
+                    stream,
+                    reused: true,
+                },
+            ));
         }
         match upstream::connect(server.address, connect_timeout).await {
             Ok(stream) => {
                 upstream.metrics.connections_opened.fetch_add(1, Relaxed);
-                return Ok((idx, UpstreamConn { stream, reused: false }));
+                return Ok((
+                    idx,
+                    UpstreamConn {
+                        stream,
+                        reused: false,
+                    },
+                ));
             }
             Err(kind) => {
                 upstream.metrics.error(kind);
@@ -348,8 +417,17 @@ async fn read_response_head(
                     return Err(ProxyError::Upstream(UpstreamErrorKind::BadResponse));
                 }
                 if head.version == Version::Http11 {
-                    write::response_head(&mut client.out, &res, Framing::Empty, Persistence::KeepAlive);
-                    client.stream.write_all(&client.out).await.map_err(|_| ProxyError::ClientGone)?;
+                    write::response_head(
+                        &mut client.out,
+                        &res,
+                        Framing::Empty,
+                        Persistence::KeepAlive,
+                    );
+                    client
+                        .stream
+                        .write_all(&client.out)
+                        .await
+                        .map_err(|_| ProxyError::ClientGone)?;
                 }
                 continue;
             }
@@ -364,7 +442,9 @@ async fn read_response_head(
             buf.reserve(8 * 1024);
         }
         match tokio::time::timeout_at(deadline, conn.stream.read_buf(buf)).await {
-            Ok(Ok(0)) if buf.is_empty() => return Err(ProxyError::Upstream(UpstreamErrorKind::ClosedEarly)),
+            Ok(Ok(0)) if buf.is_empty() => {
+                return Err(ProxyError::Upstream(UpstreamErrorKind::ClosedEarly))
+            }
             Ok(Ok(0)) => return Err(ProxyError::Upstream(UpstreamErrorKind::BadResponse)),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(ProxyError::Upstream(upstream::io_error_kind(&e))),
@@ -395,18 +475,41 @@ async fn send_error(client: &mut Client, head: &RequestHead, err: &ProxyError, e
     // Unread body bytes would be taken for the next request: close unless the body was consumed.
     let keep_alive = head.keep_alive && ex.request_done;
     let persistence = write::persistence_for(head.version, keep_alive);
-    write::local_response(&mut client.out, err.status(), b"text/plain; charset=utf-8", body.len(), persistence);
+    write::local_response(
+        &mut client.out,
+        err.status(),
+        b"text/plain; charset=utf-8",
+        body.len(),
+        persistence,
+    );
     ex.response_started = true;
     ex.close_announced = persistence == Persistence::Close;
-    let body_bytes: &[u8] = if head.method == Method::Head { &[] } else { body.as_bytes() };
-    let mut bufs = [std::io::IoSlice::new(&client.out), std::io::IoSlice::new(body_bytes)];
-    if body::write_all_vectored(&mut client.stream, &mut bufs).await.is_ok() {
+    let body_bytes: &[u8] = if head.method == Method::Head {
+        &[]
+    } else {
+        body.as_bytes()
+    };
+    let mut bufs = [
+        std::io::IoSlice::new(&client.out),
+        std::io::IoSlice::new(body_bytes),
+    ];
+    if body::write_all_vectored(&mut client.stream, &mut bufs)
+        .await
+        .is_ok()
+    {
         ex.bytes_sent = body_bytes.len() as u64;
         ex.response_done = true;
     }
 }
 
-fn finish(client: &Client, head: &RequestHead, route: Option<&Route>, shared: &Shared, ex: &Exchange, started: Instant) {
+fn finish(
+    client: &Client,
+    head: &RequestHead,
+    route: Option<&Route>,
+    shared: &Shared,
+    ex: &Exchange,
+    started: Instant,
+) {
     let elapsed = started.elapsed();
     shared.metrics.observe_request(elapsed);
     if let Some(route) = route {

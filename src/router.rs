@@ -30,12 +30,13 @@ struct Group {
 
 impl Group {
     fn push(&mut self, route: &Arc<Route>) {
-        self.routes.push((route.path.as_str().into(), Arc::clone(route)));
+        self.routes
+            .push((route.path.as_str().into(), Arc::clone(route)));
     }
 
     fn finish(&mut self) {
         // Stable sort keeps file order among equal prefixes; compile.rs rejects exact duplicates.
-        self.routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        self.routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
     }
 
     fn find(&self, path: &[u8]) -> Option<&Arc<Route>> {
@@ -139,8 +140,16 @@ mod tests {
         let r = Router::build(&[
             route("any", None, "/"),
             route("wild", Some(HostMatch::Suffix(".example.com".into())), "/"),
-            route("deep", Some(HostMatch::Suffix(".b.example.com".into())), "/"),
-            route("exact", Some(HostMatch::Exact("app.example.com".into())), "/"),
+            route(
+                "deep",
+                Some(HostMatch::Suffix(".b.example.com".into())),
+                "/",
+            ),
+            route(
+                "exact",
+                Some(HostMatch::Exact("app.example.com".into())),
+                "/",
+            ),
         ]);
         assert_eq!(name(&r, "app.example.com", "/"), Some("exact"));
         assert_eq!(name(&r, "x.example.com", "/"), Some("wild"));
@@ -153,7 +162,11 @@ mod tests {
     #[test]
     fn host_group_without_matching_path_falls_through() {
         let r = Router::build(&[
-            route("api", Some(HostMatch::Exact("app.example.com".into())), "/api/"),
+            route(
+                "api",
+                Some(HostMatch::Exact("app.example.com".into())),
+                "/api/",
+            ),
             route("welcome", None, "/"),
         ]);
         assert_eq!(name(&r, "app.example.com", "/api/users"), Some("api"));

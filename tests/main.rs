@@ -7,6 +7,12 @@
 //! The test modules live in `tests/suite/` rather than directly in `tests/`: Cargo builds every
 //! `tests/*.rs` file as a binary of its own, and these modules only make sense inside this one.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers panic on setup failures: that is a failed test, as intended"
+)]
+
 mod support;
 
 #[path = "suite/admin.rs"]

@@ -209,13 +209,32 @@ impl Decoder {
     }
 }
 
+/// Checks the part of a chunked body that has already arrived, without consuming it: `Ok(true)`
+/// when the whole body is there and well-formed. Run before anything is sent upstream, so that a
+/// malformed body that arrives in one piece (every smuggling payload does) is refused with nothing
+/// forwarded; a body that is still arriving is checked as it streams, and a fault found then
+/// aborts the upstream connection mid-message, so the upstream never sees a complete request.
+pub fn precheck_chunked(buf: &[u8]) -> Result<bool, RelayError> {
+    let mut probe = BytesMut::from(buf);
+    let mut decoder = Decoder::new(Framing::Chunked);
+    loop {
+        match decoder.decode(&mut probe, false)? {
+            Decoded::Data(_) => {}
+            Decoded::NeedMore => return Ok(false),
+            Decoded::Done => return Ok(true),
+        }
+    }
+}
+
 /// Splits one CRLF-terminated line off `buf`, without its CRLF. A bare LF or CR is an error.
 fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, RelayError> {
     match memchr::memchr(b'\n', buf) {
         None if buf.len() > max => Err(RelayError::Malformed("chunk line too long")),
         None => Ok(None),
         Some(0) => Err(RelayError::Malformed("bare LF in chunked framing")),
-        Some(lf) if buf[lf - 1] != b'\r' => Err(RelayError::Malformed("bare LF in chunked framing")),
+        Some(lf) if buf[lf - 1] != b'\r' => {
+            Err(RelayError::Malformed("bare LF in chunked framing"))
+        }
         Some(lf) => {
             let mut line = buf.split_to(lf + 1);
             line.truncate(lf - 1);
@@ -244,7 +263,12 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, RelayError> {
     let rest = &line[digits..];
     let ext_ok = match rest.iter().position(|&b| b != b' ' && b != b'\t') {
         None => rest.is_empty(),
-        Some(i) => rest[i] == b';' && rest[i..].iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)),
+        Some(i) => {
+            rest[i] == b';'
+                && rest[i..]
+                    .iter()
+                    .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+        }
     };
     if !ext_ok {
         return Err(RelayError::Malformed("invalid chunk size"));
@@ -410,7 +434,8 @@ where
                 }
             }
             Decoded::Done => {
-                match tokio::time::timeout(limits.write_timeout, encoder.finish(dst, prefix)).await {
+                match tokio::time::timeout(limits.write_timeout, encoder.finish(dst, prefix)).await
+                {
                     Ok(Ok(())) => return Ok(total),
                     Ok(Err(e)) => return Err(RelayError::Write(e)),
                     Err(_) => return Err(RelayError::WriteTimeout),
@@ -531,9 +556,17 @@ mod tests {
             write_timeout: Duration::from_secs(5),
         };
         let mut c = writer.await.unwrap();
-        let n = relay(&mut server, &mut buf, &mut d, &mut out, &enc, &mut prefix, limits)
-            .await
-            .unwrap();
+        let n = relay(
+            &mut server,
+            &mut buf,
+            &mut d,
+            &mut out,
+            &enc,
+            &mut prefix,
+            limits,
+        )
+        .await
+        .unwrap();
         assert_eq!(n, 5);
         assert_eq!(out, b"HEAD\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n");
         c.shutdown().await.unwrap();

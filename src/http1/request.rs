@@ -143,9 +143,13 @@ pub fn parse(
             return need_more_or_too_large(buf, limits);
         }
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::HeaderTooLarge),
-        Err(httparse::Error::Version) => return Err(HeadError::Malformed("unsupported HTTP version")),
+        Err(httparse::Error::Version) => {
+            return Err(HeadError::Malformed("unsupported HTTP version"))
+        }
         Err(httparse::Error::HeaderName) => {
-            return Err(HeadError::Malformed("invalid header name or obsolete line folding"))
+            return Err(HeadError::Malformed(
+                "invalid header name or obsolete line folding",
+            ))
         }
         Err(httparse::Error::HeaderValue) => {
             return Err(HeadError::Malformed("invalid character in a header value"))
@@ -283,7 +287,9 @@ fn validate(head: &mut RequestHead, raw: &[u8]) -> Result<(), HeadError> {
     }
     if saw_te && head.version == Version::Http10 {
         // RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is a sign of a faulty or hostile sender.
-        return Err(HeadError::Malformed("Transfer-Encoding in an HTTP/1.0 request"));
+        return Err(HeadError::Malformed(
+            "Transfer-Encoding in an HTTP/1.0 request",
+        ));
     }
     head.framing = match (chunked, content_length) {
         (true, _) => Framing::Chunked,
@@ -323,7 +329,8 @@ fn validate(head: &mut RequestHead, raw: &[u8]) -> Result<(), HeadError> {
         }
         _ => {
             // Absolute-form (RFC 9112 §3.2.2): the target's authority overrides Host.
-            let rest = strip_scheme(target).ok_or(HeadError::Malformed("invalid request target"))?;
+            let rest =
+                strip_scheme(target).ok_or(HeadError::Malformed("invalid request target"))?;
             let authority_len = rest
                 .iter()
                 .position(|&b| matches!(b, b'/' | b'?' | b'#'))
@@ -451,7 +458,10 @@ mod tests {
 
     #[test]
     fn partial_head_needs_more() {
-        assert!(matches!(parse_str("GET / HTTP/1.1\r\nHost: a\r\n"), Ok(None)));
+        assert!(matches!(
+            parse_str("GET / HTTP/1.1\r\nHost: a\r\n"),
+            Ok(None)
+        ));
     }
 
     #[test]
@@ -469,7 +479,9 @@ mod tests {
 
     #[test]
     fn smuggling_shapes_are_refused() {
-        malformed("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
+        malformed(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
         malformed("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n");
         malformed("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5a\r\n\r\n");
         malformed("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n");
@@ -498,7 +510,10 @@ mod tests {
     fn limits() {
         let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(100));
         assert_eq!(parse_str(&long).err(), Some(HeadError::UriTooLong));
-        let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "a".repeat(2000));
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "a".repeat(2000)
+        );
         assert_eq!(parse_str(&big).err(), Some(HeadError::HeaderTooLarge));
         let many: String = (0..20).map(|i| format!("X-{i}: v\r\n")).collect();
         let many = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n");

@@ -82,8 +82,8 @@ pub fn parse(
         let kind = classify(name);
         match kind {
             FieldKind::ContentLength => {
-                let n = parse_content_length(h.value)
-                    .ok_or(BadResponse("invalid Content-Length"))?;
+                let n =
+                    parse_content_length(h.value).ok_or(BadResponse("invalid Content-Length"))?;
                 if content_length.is_some_and(|prev| prev != n) {
                     return Err(BadResponse("conflicting Content-Length values"));
                 }
@@ -130,7 +130,8 @@ pub fn parse(
         }
     }
 
-    let bodiless = request_was_head || (100..200).contains(&status) || status == 204 || status == 304;
+    let bodiless =
+        request_was_head || (100..200).contains(&status) || status == 204 || status == 304;
     let framing = if bodiless {
         Framing::Empty
     } else if chunked || other_coding {
@@ -148,9 +149,8 @@ pub fn parse(
             None => Framing::UntilClose,
         }
     };
-    let reusable = framing != Framing::UntilClose
-        && !close
-        && (version == Version::Http11 || keep_alive);
+    let reusable =
+        framing != Framing::UntilClose && !close && (version == Version::Http11 || keep_alive);
 
     let raw = buf.split_to(head_len).freeze();
     Ok(Some(ResponseHead {
@@ -181,7 +181,10 @@ mod tests {
 
     #[test]
     fn framing_rules() {
-        assert_eq!(ok("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n").framing, Framing::Length(3));
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n").framing,
+            Framing::Length(3)
+        );
         assert_eq!(
             ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").framing,
             Framing::Chunked
@@ -189,8 +192,14 @@ mod tests {
         let h = ok("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!(h.framing, Framing::UntilClose);
         assert!(!h.reusable);
-        assert_eq!(ok("HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n").framing, Framing::Empty);
-        assert_eq!(ok("HTTP/1.1 304 Not Modified\r\n\r\n").framing, Framing::Empty);
+        assert_eq!(
+            ok("HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n").framing,
+            Framing::Empty
+        );
+        assert_eq!(
+            ok("HTTP/1.1 304 Not Modified\r\n\r\n").framing,
+            Framing::Empty
+        );
         let h = parse_str("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", true);
         assert_eq!(h.ok().flatten().map(|h| h.framing), Some(Framing::Empty));
     }
@@ -200,7 +209,9 @@ mod tests {
         assert!(ok("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").reusable);
         assert!(!ok("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").reusable);
         assert!(!ok("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").reusable);
-        assert!(ok("HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n").reusable);
+        assert!(
+            ok("HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n").reusable
+        );
     }
 
     #[test]

@@ -69,7 +69,11 @@ pub fn request_head(out: &mut Vec<u8>, head: &RequestHead, fwd: Forwarded<'_>, f
     // differently by different upstream frameworks, and some read only the first.
     out.extend_from_slice(b"X-Forwarded-For: ");
     if had_xff {
-        for f in head.fields.iter().filter(|f| f.kind == FieldKind::XForwardedFor) {
+        for f in head
+            .fields
+            .iter()
+            .filter(|f| f.kind == FieldKind::XForwardedFor)
+        {
             out.extend_from_slice(f.value.get(raw));
             out.extend_from_slice(b", ");
         }
