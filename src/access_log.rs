@@ -8,7 +8,9 @@ use std::borrow::Cow;
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+
+use tokio::sync::mpsc::error::TrySendError;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,6 +22,8 @@ use crate::metrics::Metrics;
 
 /// Entries that may wait for the writer. At a few hundred bytes each this bounds the backlog to a
 /// few megabytes, and absorbs a burst of well over a second at the rates one writer sustains.
+/// tokio's channel allocates its slots in small blocks as they fill, so an idle proxy pays
+/// nothing for this headroom (std's `sync_channel` would allocate all of it up front).
 const CHANNEL_CAPACITY: usize = 16384;
 
 /// How long dropping the last handle waits for the writer to flush. Bounded so that a stuck
@@ -55,7 +59,7 @@ pub struct AccessLog {
 #[derive(Debug)]
 struct Inner {
     /// `Option` only so that `Drop` can close the channel before waiting for the writer.
-    tx: Option<SyncSender<AccessEntry>>,
+    tx: Option<tokio::sync::mpsc::Sender<AccessEntry>>,
     metrics: Arc<Metrics>,
     /// Disconnects when the writer thread has flushed and returned.
     done: Mutex<Receiver<()>>,
@@ -94,7 +98,7 @@ impl AccessLog {
             }
         };
         let format = settings.format;
-        let (tx, rx) = mpsc::sync_channel(CHANNEL_CAPACITY);
+        let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_CAPACITY);
         let (done_tx, done_rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("gatehouse-access-log".to_owned())
@@ -119,7 +123,7 @@ impl AccessLog {
             Ok(()) => {}
             // Disconnected means the writer died (it only stops when every handle is gone, so a
             // panic); counting those as dropped keeps the loss visible.
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {
                 inner.metrics.access_log_entry_dropped();
             }
         }
@@ -134,13 +138,13 @@ impl AccessLog {
 /// The writer thread: formats every entry into one reused buffer and flushes whenever the queue
 /// is momentarily empty, so lines show up promptly under light load and batch under heavy load.
 fn write_loop(
-    rx: Receiver<AccessEntry>,
+    mut rx: tokio::sync::mpsc::Receiver<AccessEntry>,
     mut out: BufWriter<Box<dyn Write + Send>>,
     format: LogFormat,
 ) {
     let mut line = Vec::with_capacity(512);
     let mut failing = false;
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = rx.blocking_recv() {
         let mut next = Some(first);
         while let Some(entry) = next.take() {
             line.clear();
@@ -549,7 +553,7 @@ mod tests {
     fn full_queue_drops_and_counts_instead_of_blocking() {
         let metrics = Arc::new(Metrics::default());
         // A queue of one that nobody reads stands in for a writer that has fallen behind.
-        let (tx, _rx) = mpsc::sync_channel(1);
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
         let (_, done) = mpsc::channel();
         let log = AccessLog {
             inner: Some(Arc::new(Inner {

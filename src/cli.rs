@@ -27,16 +27,28 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run in the foreground, logging to stderr, until SIGTERM or SIGINT.
-    Run {
-        /// The config file.
-        #[arg(short, long, default_value = "gatehouse.toml")]
-        config: PathBuf,
-    },
+    Run(ConfigArg),
     /// Validate the config file: exit 0, or print every problem as FILE:LINE:COL: message.
-    Check {
-        #[arg(short, long, default_value = "gatehouse.toml")]
-        config: PathBuf,
-    },
+    Check(ConfigArg),
+}
+
+/// The config file, as `-c FILE` or a plain argument; `./gatehouse.toml` when neither is given.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// The config file [default: gatehouse.toml]
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[arg(value_name = "FILE", conflicts_with = "config", hide = true)]
+    file: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    pub fn path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .or_else(|| self.file.clone())
+            .unwrap_or_else(|| PathBuf::from("gatehouse.toml"))
+    }
 }
 
 pub fn check(path: &Path) -> ExitCode {

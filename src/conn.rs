@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::access_log::AccessEntry;
 use crate::app::Shared;
 use crate::config::snapshot::{ConnLimits, ConnTimeouts};
 use crate::http1::request::{self, HeadError, RequestHead};
@@ -199,6 +200,23 @@ async fn refuse(client: &mut Client, err: ProxyError, shared: &Shared) {
     let _ =
         tokio::time::timeout(Duration::from_secs(5), client.stream.write_all(&client.out)).await;
     shared.metrics.observe_request(Duration::ZERO);
+    // Refused requests are logged too, as nginx logs its 400s: they are what an operator looks
+    // for when a client misbehaves. Method and target are unknown, the head was not parsed.
+    if shared.access_log.is_enabled() {
+        shared.access_log.log(AccessEntry {
+            time: std::time::SystemTime::now(),
+            client: client.peer,
+            method: bytes::Bytes::new(),
+            target: bytes::Bytes::new(),
+            host: bytes::Bytes::new(),
+            status,
+            bytes_sent: body.len() as u64,
+            duration: Duration::ZERO,
+            upstream: None,
+            upstream_time: None,
+            route: None,
+        });
+    }
     tracing::debug!(client = %client.peer, status, error = %err, "request refused");
 }
 

@@ -17,8 +17,8 @@ fn main() -> ExitCode {
         )
         .init();
     match cli.command {
-        Command::Check { config } => cli::check(&config),
-        Command::Run { config } => match cli::run(&config) {
+        Command::Check(config) => cli::check(&config.path()),
+        Command::Run(config) => match cli::run(&config.path()) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("gatehouse: {e:#}");

@@ -77,3 +77,18 @@ async fn equal_weights_take_turns() {
     send_many(&proxy, 300).await;
     assert_eq!((a.requests(), b.requests(), c.requests()), (100, 100, 100));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connect_moves_on_to_another_server() {
+    // proxy.rs: a failed connect is always safe to try elsewhere.
+    let good = HttpUpstream::fixed("good\n").await;
+    let proxy = Proxy::start(&format!(
+        "[upstream.app]\nservers = [\"{}\", \"{}\"]\n\n{}",
+        crate::support::closed_port(),
+        good.addr(),
+        route_toml("/", "app")
+    ))
+    .await;
+    send_many(&proxy, 20).await;
+    assert_eq!(good.requests(), 20);
+}

@@ -300,3 +300,30 @@ async fn errors_do_not_take_the_proxy_down() {
     let (status, _) = get(&f.proxy, "/ok").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_request_body_is_disconnected_after_client_body() {
+    let echo = HttpUpstream::echo().await;
+    let proxy = Proxy::start(&format!(
+        "[timeouts]\nclient_body = \"1s\"\n\n{}{}",
+        crate::support::upstream_toml("app", &[echo.addr()]),
+        crate::support::route_toml("/", "app")
+    ))
+    .await;
+    // 3 of 10 promised bytes, then nothing. 15 s only keeps the test from hanging.
+    let ex = raw::exchange(
+        proxy.addr(),
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc",
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_ne!(
+        ex.ending,
+        Ending::StillOpen,
+        "a client stalled mid-body is still connected; received {:?}",
+        ex.text()
+    );
+    if !ex.bytes.is_empty() {
+        assert_eq!(ex.status(), Some(408), "{:?}", ex.text());
+    }
+}

@@ -90,3 +90,47 @@ async fn pooled_connection_closed_by_upstream_is_not_an_error() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_each_get_their_own_response() {
+    // Pooled connections shared across tasks must never cross two exchanges.
+    let up = HttpUpstream::echo().await;
+    let proxy = Proxy::start(&format!(
+        "{}{}",
+        upstream_toml("app", &[up.addr()]),
+        route_toml("/", "app")
+    ))
+    .await;
+    let addr = proxy.addr();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        tasks.push(tokio::spawn(async move {
+            let mut conn = RawConn::connect(addr).await;
+            for i in 0..25 {
+                let body = format!("task {t} request {i}");
+                conn.send(
+                    format!(
+                        "POST /t{t}/r{i} HTTP/1.1\r\nHost: a.test\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+                let resp = conn.read_response(false).await;
+                assert_eq!(resp.status, 200, "task {t} request {i}: {}", resp.head);
+                let echo = crate::support::Echo::parse(&resp.body_text());
+                assert_eq!(echo.target, format!("/t{t}/r{i}"));
+                assert_eq!(
+                    echo.body_checksum,
+                    crate::support::Checksum::of(body.as_bytes()).hex()
+                );
+            }
+        }));
+    }
+    for task in tasks {
+        crate::support::within("a concurrent client", task)
+            .await
+            .expect("client task");
+    }
+    assert_eq!(up.requests(), 200);
+}

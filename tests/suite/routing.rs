@@ -390,3 +390,93 @@ async fn expect_100_continue_is_answered_by_the_proxy() {
     let after = conn.read_response(false).await;
     assert_eq!(after.status, 200, "{}", after.head);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_supplied_forwarded_headers_cannot_spoof_proto_or_host() {
+    let (_up, proxy) = echo_proxy().await;
+    let resp = client()
+        .get(proxy.url("/spoof"))
+        .header("host", "app.example.com")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "evil.example")
+        .send()
+        .await
+        .expect("request through the proxy");
+    let echo = Echo::parse(&resp.text().await.expect("body"));
+    assert_eq!(echo.header_all("x-forwarded-proto"), vec!["http"], "{}", echo.raw);
+    assert_eq!(
+        echo.header_all("x-forwarded-host"),
+        vec!["app.example.com"],
+        "{}",
+        echo.raw
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_request_headers_keep_their_order() {
+    let (_up, proxy) = echo_proxy().await;
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    conn.send(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Multi: first\r\nX-Other: o\r\nX-Multi: second\r\n\r\n")
+        .await;
+    let resp = conn.read_response(false).await;
+    let echo = Echo::parse(&resp.body_text());
+    assert_eq!(echo.header_all("x-multi"), vec!["first", "second"], "{}", echo.raw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_response_headers_reach_the_client() {
+    let up = raw::RawUpstream::fixed(
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    let proxy = Proxy::start(&format!(
+        "{}{}",
+        upstream_toml("app", &[up.addr()]),
+        route_toml("/", "app")
+    ))
+    .await;
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    conn.send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    let resp = conn.read_response(false).await;
+    let cookies: Vec<&str> = resp
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "set-cookie")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(cookies, vec!["a=1", "b=2"], "{}", resp.head);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_close_from_the_client_is_honoured() {
+    let (_up, proxy) = echo_proxy().await;
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    conn.send(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await;
+    let resp = conn.read_response(false).await;
+    assert_eq!(resp.status, 200);
+    assert!(resp.connection_has("close"), "{}", resp.head);
+    assert!(
+        conn.closed_within(std::time::Duration::from_secs(10)).await,
+        "connection left open after Connection: close"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connection_is_closed_after_client_idle() {
+    let up = HttpUpstream::echo().await;
+    let proxy = Proxy::start(&format!(
+        "[timeouts]\nclient_idle = \"1s\"\n\n{}{}",
+        upstream_toml("app", &[up.addr()]),
+        route_toml("/", "app")
+    ))
+    .await;
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    conn.send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    assert_eq!(conn.read_response(false).await.status, 200);
+    // client_idle is 1 s; 15 s only keeps the test from hanging if it is not enforced.
+    assert!(
+        conn.closed_within(std::time::Duration::from_secs(15)).await,
+        "an idle keep-alive connection outlived client_idle"
+    );
+}

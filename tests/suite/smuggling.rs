@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use crate::support::raw::{self, RawUpstream};
+use tokio::io::AsyncWriteExt;
+
+use crate::support::raw::{self, RawConn, RawUpstream};
 use crate::support::{route_toml, upstream_toml, Proxy};
 
 const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n";
@@ -149,6 +151,16 @@ async fn bad_chunk_size() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_size_line_without_crlf_or_with_a_sign() {
+    assert_400("POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n")
+        .await;
+    assert_400("POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n")
+        .await;
+    assert_400("POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overflowing_chunk_size() {
     assert_400(
         "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\nhello\r\n0\r\n\r\n",
@@ -193,4 +205,54 @@ async fn invalid_host() {
     assert_400("GET / HTTP/1.1\r\nHost: exa mple\r\n\r\n").await;
     assert_400("GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n").await;
     assert_400("GET / HTTP/1.1\r\nX-No-Host: yes\r\n\r\n").await;
+}
+
+/// Weaker than "nothing reaches the upstream", and what matters most once a body is streamed:
+/// when a framing error is found after part of the body went upstream, that upstream exchange
+/// is abandoned (its connection closed, never pooled) and nothing after the error is forwarded.
+/// Sent in one write, and split so that the good first chunk is surely relayed before the bad
+/// second one arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_error_mid_body_abandons_the_upstream_connection() {
+    let good_part = "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+    let bad_part = format!("5\r\nworldXX0\r\n\r\n{SMUGGLED}");
+    for split in [false, true] {
+        let (up, proxy) = recording_proxy().await;
+        let ex = if split {
+            let mut conn = RawConn::connect(proxy.addr()).await;
+            conn.send(good_part.as_bytes()).await;
+            // Not a timing assertion: only makes it likely that the first chunk has gone
+            // upstream before the rest arrives, which is the case under test.
+            let _ = up.wait_for("hello", Duration::from_secs(2)).await;
+            let _ = conn.stream.write_all(bad_part.as_bytes()).await;
+            conn.read_to_end(Duration::from_secs(10)).await
+        } else {
+            raw::send(proxy.addr(), format!("{good_part}{bad_part}").as_bytes()).await
+        };
+        assert_eq!(ex.status(), Some(400), "split {split}: {:?}", ex.text());
+        assert_eq!(ex.response_count(), 1, "split {split}: {:?}", ex.text());
+        assert!(ex.closed(), "split {split}: {:?}", ex.text());
+        if !up.received().is_empty() {
+            let closed = crate::support::poll_until(Duration::from_secs(10), || async {
+                (up.finished() >= up.connections()).then_some(())
+            })
+            .await;
+            assert!(
+                closed.is_some(),
+                "split {split}: the upstream connection that carried part of the bad body is \
+                 still open: {:?}",
+                up.received_text()
+            );
+        }
+        let received = up.received_text();
+        assert!(
+            !received.contains("XX") && !received.contains("/smuggled"),
+            "split {split}: bytes after the framing error reached the upstream: {received:?}"
+        );
+        // A last-chunk would tell the upstream the (truncated) request is complete.
+        assert!(
+            !received.contains("\r\n0\r\n\r\n"),
+            "split {split}: the upstream received a complete chunked body: {received:?}"
+        );
+    }
 }

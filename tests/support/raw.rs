@@ -23,8 +23,19 @@ pub const RECORD_RESPONSE: &[u8] =
 pub struct RawUpstream {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
+    /// Connections on which the serving function returned (the peer closed, or it was done).
+    finished: Arc<AtomicUsize>,
     received: Arc<Mutex<Vec<u8>>>,
     task: JoinHandle<()>,
+}
+
+/// What a scripted upstream does after writing its response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Close the connection (FIN).
+    Close,
+    /// Keep the connection open and silent until the peer closes it.
+    Hang,
 }
 
 impl RawUpstream {
@@ -38,9 +49,11 @@ impl RawUpstream {
             .expect("binding a raw upstream");
         let addr = listener.local_addr().expect("raw upstream address");
         let connections = Arc::new(AtomicUsize::new(0));
+        let finished = Arc::new(AtomicUsize::new(0));
         let received = Arc::new(Mutex::new(Vec::new()));
         let task = {
             let connections = Arc::clone(&connections);
+            let finished = Arc::clone(&finished);
             let received = Arc::clone(&received);
             tokio::spawn(async move {
                 loop {
@@ -48,13 +61,19 @@ impl RawUpstream {
                         continue;
                     };
                     connections.fetch_add(1, Ordering::SeqCst);
-                    tokio::spawn(serve(stream, Arc::clone(&received)));
+                    let served = serve(stream, Arc::clone(&received));
+                    let finished = Arc::clone(&finished);
+                    tokio::spawn(async move {
+                        served.await;
+                        finished.fetch_add(1, Ordering::SeqCst);
+                    });
                 }
             })
         };
         RawUpstream {
             addr,
             connections,
+            finished,
             received,
             task,
         }
@@ -162,6 +181,35 @@ impl RawUpstream {
         .await
     }
 
+    /// Reads one request head, writes `response` exactly as given (it may be incomplete or
+    /// malformed on purpose), then closes or hangs.
+    pub async fn scripted(response: &'static [u8], after: After) -> RawUpstream {
+        RawUpstream::start(move |mut stream, received| {
+            Box::pin(async move {
+                if !read_head(&mut stream, &received).await {
+                    return;
+                }
+                if stream.write_all(response).await.is_err() {
+                    return;
+                }
+                match after {
+                    After::Close => {
+                        let _ = stream.shutdown().await;
+                    }
+                    After::Hang => {
+                        let mut buf = [0u8; 1024];
+                        while let Ok(n) = stream.read(&mut buf).await {
+                            if n == 0 {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .await
+    }
+
     /// Answers every request head with `response` (which must be complete and
     /// self-delimiting), keeping the connection open.
     pub async fn fixed(response: &'static [u8]) -> RawUpstream {
@@ -183,6 +231,12 @@ impl RawUpstream {
 
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections that have ended (for the recording and hanging upstreams: the proxy closed
+    /// them).
+    pub fn finished(&self) -> usize {
+        self.finished.load(Ordering::SeqCst)
     }
 
     /// Every byte received so far, over all connections.
