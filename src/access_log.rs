@@ -10,9 +10,9 @@ use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 
-use tokio::sync::mpsc::error::TrySendError;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::error::TrySendError;
 
 use bytes::Bytes;
 use serde::Serialize;

@@ -144,10 +144,9 @@ async fn metrics_count_refused_connects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_client_connections_gauge_follows_connections() {
-    let proxy = Proxy::start(
-        "[[route]]\npath = \"/\"\nrespond = { status = 200, body = \"hi\\n\" }\n",
-    )
-    .await;
+    let proxy =
+        Proxy::start("[[route]]\npath = \"/\"\nrespond = { status = 200, body = \"hi\\n\" }\n")
+            .await;
     let name = "gatehouse_client_connections_active";
     let mut conn = RawConn::connect(proxy.addr()).await;
     conn.send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
@@ -200,7 +199,11 @@ upstream = "app"
     );
     let proxy = Proxy::start_toml(&toml).await;
     let http = client();
-    let r1 = http.get(proxy.url("/api/one?q=1")).send().await.expect("GET");
+    let r1 = http
+        .get(proxy.url("/api/one?q=1"))
+        .send()
+        .await
+        .expect("GET");
     assert_eq!(r1.status().as_u16(), 200);
     let r2 = http
         .post(proxy.url("/api/two"))

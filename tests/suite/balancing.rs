@@ -53,7 +53,11 @@ async fn weighted_sequence_is_smooth() {
             .await;
         let resp = conn.read_response(false).await;
         assert_eq!(resp.status, 200, "request {i}: {}", resp.head);
-        sequence.push(if resp.body_text() == "light\n" { 'L' } else { 'H' });
+        sequence.push(if resp.body_text() == "light\n" {
+            'L'
+        } else {
+            'H'
+        });
     }
     for (i, window) in sequence.as_bytes().windows(4).enumerate() {
         let lights = window.iter().filter(|&&c| c == b'L').count();

@@ -238,3 +238,31 @@ fn check_fails_on_a_missing_file() {
         "the error names the file: {text}"
     );
 }
+
+#[test]
+fn check_reports_every_unknown_key_along_with_other_problems() {
+    // An unknown key must not hide the problems after it: a user fixing a config file wants
+    // the whole list in one run.
+    let toml = r#"[[listener]]
+name = "web"
+listen = "127.0.0.1:0"
+colour = "blue"
+
+[upstream.app]
+servers = ["127.0.0.1:9000"]
+flavour = "vanilla"
+
+[[route]]
+path = "/"
+upstream = "nope"
+"#;
+    let (code, output, path) = check(toml);
+    assert_eq!(code, Some(1), "output:\n{output}");
+    let found = diagnostics(&output, &path);
+    for (line, col) in [(4, 1), (8, 1), (12, 12)] {
+        assert!(
+            found.iter().any(|(l, c, _)| (*l, *c) == (line, col)),
+            "no diagnostic at {line}:{col}; got:\n{output}"
+        );
+    }
+}

@@ -236,8 +236,7 @@ async fn long_request_target_is_414() {
 async fn content_length_over_the_limit_is_413() {
     let f = failing_proxy().await;
     let body = "b".repeat(2048);
-    let request =
-        format!("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 2048\r\n\r\n{body}");
+    let request = format!("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 2048\r\n\r\n{body}");
     let ex = raw::send(f.proxy.addr(), request.as_bytes()).await;
     assert_eq!(ex.status(), Some(413), "{:?}", ex.text());
     assert_short_text(413, &ex.body());
@@ -326,4 +325,32 @@ async fn stalled_request_body_is_disconnected_after_client_body() {
     if !ex.bytes.is_empty() {
         assert_eq!(ex.status(), Some(408), "{:?}", ex.text());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_max_connections_wait_for_a_free_slot() {
+    let proxy = Proxy::start(
+        "[limits]\nmax_connections = 2\n\n\
+         [[route]]\npath = \"/\"\nrespond = { status = 200, body = \"hi\\n\" }\n",
+    )
+    .await;
+    let mut first = crate::support::raw::RawConn::connect(proxy.addr()).await;
+    let mut second = crate::support::raw::RawConn::connect(proxy.addr()).await;
+    for conn in [&mut first, &mut second] {
+        conn.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert_eq!(conn.read_response(false).await.status, 200);
+    }
+    // The third connection completes in the kernel's backlog but is not served while two are
+    // open. Waiting 500 ms for nothing cannot fail a correct proxy, only miss a broken one.
+    let mut third = crate::support::raw::RawConn::connect(proxy.addr()).await;
+    third.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let early =
+        tokio::time::timeout(Duration::from_millis(500), third.try_read_response(false)).await;
+    assert!(
+        early.is_err(),
+        "a third connection was served over max_connections = 2: {early:?}"
+    );
+    drop(first);
+    let resp = third.read_response(false).await;
+    assert_eq!(resp.status, 200, "{}", resp.head);
 }

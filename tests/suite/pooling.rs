@@ -47,8 +47,10 @@ async fn requests_from_different_client_connections_share_the_pool() {
     for i in 0..50 {
         // A new client connection each time: the upstream connection must outlive it.
         let mut conn = RawConn::connect(proxy.addr()).await;
-        conn.send(format!("GET /c/{i} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").as_bytes())
-            .await;
+        conn.send(
+            format!("GET /c/{i} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
         let resp = conn.read_response(false).await;
         assert_eq!(resp.status, 200, "request {i}: {}", resp.head);
     }
@@ -133,4 +135,50 @@ async fn concurrent_clients_each_get_their_own_response() {
             .expect("client task");
     }
     assert_eq!(up.requests(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_zero_disables_pooling() {
+    let up = HttpUpstream::fixed("unpooled\n").await;
+    let proxy = Proxy::start(&format!(
+        "[upstream.app]\nservers = [\"{}\"]\nkeepalive = 0\n\n{}",
+        up.addr(),
+        route_toml("/", "app")
+    ))
+    .await;
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    for i in 0..10 {
+        conn.send(format!("GET /n/{i} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes())
+            .await;
+        assert_eq!(conn.read_response(false).await.status, 200, "request {i}");
+    }
+    assert_eq!(
+        up.connections(),
+        10,
+        "keepalive = 0 keeps no idle connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_are_closed_after_the_idle_timeout() {
+    let up = RawUpstream::fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n").await;
+    let proxy = Proxy::start(&format!(
+        "[upstream.app]\nservers = [\"{}\"]\ntimeouts = {{ idle = \"300ms\" }}\n\n{}",
+        up.addr(),
+        route_toml("/", "app")
+    ))
+    .await;
+    let resp = client().get(proxy.url("/")).send().await.expect("GET");
+    assert_eq!(resp.status().as_u16(), 200);
+    // The upstream's serving loop ends when the proxy closes the idle connection. 10 s only
+    // keeps the test from hanging if idle connections are never reaped.
+    let closed = crate::support::poll_until(Duration::from_secs(10), || async {
+        (up.finished() >= 1).then_some(())
+    })
+    .await;
+    assert!(
+        closed.is_some(),
+        "the pooled connection outlived its idle timeout"
+    );
+    assert_eq!(up.connections(), 1);
 }

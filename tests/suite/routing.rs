@@ -38,7 +38,12 @@ async fn forwards_request_with_forwarded_headers_and_host_unchanged() {
         "{}",
         echo.raw
     );
-    assert_eq!(echo.header("x-forwarded-proto"), Some("http"), "{}", echo.raw);
+    assert_eq!(
+        echo.header("x-forwarded-proto"),
+        Some("http"),
+        "{}",
+        echo.raw
+    );
     assert_eq!(
         echo.header("x-forwarded-host"),
         Some("app.example.com"),
@@ -148,7 +153,8 @@ async fn strips_hop_by_hop_response_headers() {
     ))
     .await;
     let mut conn = RawConn::connect(proxy.addr()).await;
-    conn.send(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n").await;
+    conn.send(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        .await;
     let resp = conn.read_response(false).await;
     assert_eq!(resp.status, 200, "{}", resp.head);
     for name in [
@@ -278,7 +284,9 @@ async fn pipelined_requests_are_answered_in_order() {
     let mut conn = RawConn::connect(proxy.addr()).await;
     let mut batch = Vec::new();
     for i in 0..10 {
-        batch.extend_from_slice(format!("GET /pipe/{i} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes());
+        batch.extend_from_slice(
+            format!("GET /pipe/{i} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes(),
+        );
     }
     conn.send(&batch).await;
     for i in 0..10 {
@@ -301,7 +309,9 @@ async fn http10_request_gets_response_then_close() {
     );
     assert_eq!(ex.response_count(), 1, "{}", ex.text());
     assert!(
-        !ex.text().to_ascii_lowercase().contains("transfer-encoding: chunked"),
+        !ex.text()
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
         "chunked is not HTTP/1.0: {}",
         ex.text()
     );
@@ -343,7 +353,12 @@ async fn request_body_with_content_length_is_forwarded_with_content_length() {
         .expect("POST through the proxy");
     assert_eq!(resp.status().as_u16(), 200);
     let echo = Echo::parse(&resp.text().await.expect("body"));
-    assert_eq!(echo.header("content-length"), Some("100000"), "{}", echo.raw);
+    assert_eq!(
+        echo.header("content-length"),
+        Some("100000"),
+        "{}",
+        echo.raw
+    );
     assert_eq!(echo.header("transfer-encoding"), None, "{}", echo.raw);
     assert_eq!(echo.body_len, 100_000);
     assert_eq!(echo.body_checksum, want.hex());
@@ -361,7 +376,12 @@ async fn chunked_request_body_is_forwarded_chunked() {
     let resp = conn.read_response(false).await;
     assert_eq!(resp.status, 200, "{}", resp.head);
     let echo = Echo::parse(&resp.body_text());
-    assert_eq!(echo.header("transfer-encoding"), Some("chunked"), "{}", echo.raw);
+    assert_eq!(
+        echo.header("transfer-encoding"),
+        Some("chunked"),
+        "{}",
+        echo.raw
+    );
     assert_eq!(echo.header("content-length"), None, "{}", echo.raw);
     assert_eq!(echo.body_len, 12);
     assert_eq!(echo.body_checksum, Checksum::of(b"hello, world").hex());
@@ -382,11 +402,17 @@ async fn expect_100_continue_is_answered_by_the_proxy() {
     let resp = conn.read_response(false).await;
     assert_eq!(resp.status, 200, "{}", resp.head);
     let echo = Echo::parse(&resp.body_text());
-    assert_eq!(echo.header("expect"), None, "Expect was forwarded: {}", echo.raw);
+    assert_eq!(
+        echo.header("expect"),
+        None,
+        "Expect was forwarded: {}",
+        echo.raw
+    );
     assert_eq!(echo.body_len, 5);
     assert_eq!(echo.body_checksum, Checksum::of(b"hello").hex());
     // And the connection is still usable.
-    conn.send(b"GET /after HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    conn.send(b"GET /after HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await;
     let after = conn.read_response(false).await;
     assert_eq!(after.status, 200, "{}", after.head);
 }
@@ -403,7 +429,12 @@ async fn client_supplied_forwarded_headers_cannot_spoof_proto_or_host() {
         .await
         .expect("request through the proxy");
     let echo = Echo::parse(&resp.text().await.expect("body"));
-    assert_eq!(echo.header_all("x-forwarded-proto"), vec!["http"], "{}", echo.raw);
+    assert_eq!(
+        echo.header_all("x-forwarded-proto"),
+        vec!["http"],
+        "{}",
+        echo.raw
+    );
     assert_eq!(
         echo.header_all("x-forwarded-host"),
         vec!["app.example.com"],
@@ -420,7 +451,12 @@ async fn repeated_request_headers_keep_their_order() {
         .await;
     let resp = conn.read_response(false).await;
     let echo = Echo::parse(&resp.body_text());
-    assert_eq!(echo.header_all("x-multi"), vec!["first", "second"], "{}", echo.raw);
+    assert_eq!(
+        echo.header_all("x-multi"),
+        vec!["first", "second"],
+        "{}",
+        echo.raw
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,7 +143,10 @@ async fn sigterm_lets_the_in_flight_request_finish_and_exits_zero() {
     }
 
     let refused = poll_until(Duration::from_secs(10), || async {
-        tokio::net::TcpStream::connect(web).await.is_err().then_some(())
+        tokio::net::TcpStream::connect(web)
+            .await
+            .is_err()
+            .then_some(())
     })
     .await;
     assert!(
@@ -188,7 +191,8 @@ async fn slow_proxy() -> (HttpUpstream, Proxy) {
 async fn keep_alive_request_in_flight_during_shutdown_gets_connection_close() {
     let (up, proxy) = slow_proxy().await;
     let mut conn = RawConn::connect(proxy.addr()).await;
-    conn.send(b"GET /slow HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    conn.send(b"GET /slow HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await;
     up.wait_for_requests(1).await;
     proxy.shutdown();
     let resp = conn.read_response(false).await;
@@ -212,7 +216,8 @@ async fn idle_keep_alive_connections_do_not_hold_up_shutdown() {
     // drain finishes long before the grace period (the 20 s limit only stops a hang).
     let (_up, proxy) = slow_proxy().await;
     let mut conn = RawConn::connect(proxy.addr()).await;
-    conn.send(b"GET /slow HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    conn.send(b"GET /slow HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await;
     assert_eq!(conn.read_response(false).await.status, 200);
     proxy.shutdown();
     assert!(
@@ -230,9 +235,15 @@ async fn new_connections_are_refused_after_shutdown() {
     assert_eq!(resp.status().as_u16(), 200);
     proxy.shutdown();
     let refused = poll_until(Duration::from_secs(10), || async {
-        tokio::net::TcpStream::connect(addr).await.is_err().then_some(())
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .is_err()
+            .then_some(())
     })
     .await;
-    assert!(refused.is_some(), "connections still accepted after shutdown()");
+    assert!(
+        refused.is_some(),
+        "connections still accepted after shutdown()"
+    );
     proxy.wait(Duration::from_secs(20)).await;
 }

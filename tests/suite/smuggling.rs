@@ -64,10 +64,7 @@ async fn assert_refused(bad: &str, allowed: &[u16]) {
     assert_eq!(control.status(), Some(200), "control: {:?}", control.text());
     assert!(up.wait_for("GET /control", Duration::from_secs(5)).await);
     let received = up.received_text();
-    let before_control = received
-        .split("GET /control")
-        .next()
-        .unwrap_or_default();
+    let before_control = received.split("GET /control").next().unwrap_or_default();
     assert!(
         before_control.is_empty(),
         "request {bad:?}: the upstream received {before_control:?}"
@@ -131,7 +128,13 @@ async fn space_before_colon_in_a_header_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_encoding_other_than_chunked() {
-    for value in ["gzip", "identity", "chunked, gzip", "gzip, chunked", "xchunked"] {
+    for value in [
+        "gzip",
+        "identity",
+        "chunked, gzip",
+        "gzip, chunked",
+        "xchunked",
+    ] {
         assert_refused(
             &format!(
                 "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: {value}\r\n\r\n0\r\n\r\n"
@@ -214,7 +217,8 @@ async fn invalid_host() {
 /// second one arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn framing_error_mid_body_abandons_the_upstream_connection() {
-    let good_part = "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+    let good_part =
+        "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
     let bad_part = format!("5\r\nworldXX0\r\n\r\n{SMUGGLED}");
     for split in [false, true] {
         let (up, proxy) = recording_proxy().await;

@@ -74,7 +74,12 @@ async fn large_chunked_request_body_reaches_the_upstream_intact() {
         .expect("POST through the proxy");
     assert_eq!(resp.status().as_u16(), 200);
     let echo = Echo::parse(&resp.text().await.expect("echo body"));
-    assert_eq!(echo.header("transfer-encoding"), Some("chunked"), "{}", echo.raw);
+    assert_eq!(
+        echo.header("transfer-encoding"),
+        Some("chunked"),
+        "{}",
+        echo.raw
+    );
     assert_eq!(echo.body_len, BIG);
     assert_eq!(echo.body_checksum, body::expected(BIG).hex());
 }
@@ -94,7 +99,12 @@ async fn large_request_body_with_content_length_reaches_the_upstream_intact() {
     assert_eq!(resp.status().as_u16(), 200);
     let echo = Echo::parse(&resp.text().await.expect("echo body"));
     let len = LEN.to_string();
-    assert_eq!(echo.header("content-length"), Some(len.as_str()), "{}", echo.raw);
+    assert_eq!(
+        echo.header("content-length"),
+        Some(len.as_str()),
+        "{}",
+        echo.raw
+    );
     assert_eq!(echo.body_len, LEN);
     assert_eq!(echo.body_checksum, body::expected(LEN).hex());
 }
@@ -132,7 +142,11 @@ async fn head_204_and_304_responses_have_no_body() {
     let head = conn.read_response(true).await;
     assert_eq!(head.status, 200, "{}", head.head);
     if let Some(len) = head.header("content-length") {
-        assert_eq!(len, "10", "HEAD keeps the GET's Content-Length: {}", head.head);
+        assert_eq!(
+            len, "10",
+            "HEAD keeps the GET's Content-Length: {}",
+            head.head
+        );
     }
     let no_content = conn.read_response(false).await;
     assert_eq!(no_content.status, 204, "{}", no_content.head);
@@ -173,7 +187,12 @@ async fn close_delimited_response_reaches_http11_and_http10_clients_intact() {
     let ex = raw::send(proxy.addr(), b"GET /b HTTP/1.0\r\nHost: a.test\r\n\r\n").await;
     assert_eq!(ex.status(), Some(200), "{}", ex.text());
     assert!(ex.closed(), "{:?}", ex.ending);
-    assert_eq!(ex.body(), "read until the upstream closes\n", "{}", ex.text());
+    assert_eq!(
+        ex.body(),
+        "read until the upstream closes\n",
+        "{}",
+        ex.text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +316,8 @@ async fn big_and_small_upstream() -> HttpUpstream {
 async fn assert_pool_is_clean(proxy: &Proxy) {
     let mut conn = RawConn::connect(proxy.addr()).await;
     for i in 0..20 {
-        conn.send(b"GET /small HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+        conn.send(b"GET /small HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await;
         let resp = conn.read_response(false).await;
         assert_eq!(
             (resp.status, resp.body_text().as_str()),
@@ -314,7 +334,8 @@ async fn client_abandoning_a_download_does_not_poison_the_pool() {
     let proxy = proxy_to(&up, "").await;
     for _ in 0..3 {
         let mut conn = RawConn::connect(proxy.addr()).await;
-        conn.send(b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+        conn.send(b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await;
         let mut got = 0;
         let mut buf = vec![0u8; 16 * 1024];
         while got < 64 * 1024 {
@@ -336,7 +357,8 @@ async fn client_abandoning_an_upload_does_not_poison_the_pool() {
     let proxy = proxy_to(&up, "max_body_bytes = \"10MiB\"").await;
     for _ in 0..3 {
         let mut conn = RawConn::connect(proxy.addr()).await;
-        let mut request = b"POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1000000\r\n\r\n".to_vec();
+        let mut request =
+            b"POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1000000\r\n\r\n".to_vec();
         request.extend_from_slice(&[b'u'; 1000]);
         conn.send(&request).await;
         drop(conn);

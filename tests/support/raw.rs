@@ -486,7 +486,9 @@ impl RawConn {
         if chunked {
             resp.body = self.read_chunked().await?;
         } else if let Some(len) = resp.header("content-length") {
-            let len: usize = len.parse().map_err(|_| format!("bad content-length {len}"))?;
+            let len: usize = len
+                .parse()
+                .map_err(|_| format!("bad content-length {len}"))?;
             while self.buf.len() < len {
                 if self.fill().await? == 0 {
                     return Err(format!(
