@@ -182,3 +182,59 @@ async fn idle_pooled_connections_are_closed_after_the_idle_timeout() {
     );
     assert_eq!(up.connections(), 1);
 }
+
+/// Counts the request lines that reached the upstream, pooled or not.
+fn request_lines(up: &RawUpstream, method: &str) -> usize {
+    up.received_text().matches(&format!("{method} /")).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_pooled_connection_is_retried_once_for_an_idempotent_request() {
+    let up = RawUpstream::one_answer_per_connection().await;
+    let proxy = Proxy::start(&format!(
+        "{}{}",
+        upstream_toml("app", &[up.addr()]),
+        route_toml("/", "app")
+    ))
+    .await;
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    for i in 0..10 {
+        conn.send(format!("GET /r/{i} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes())
+            .await;
+        let resp = conn.read_response(false).await;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.head);
+        assert_eq!(resp.body_text(), "ok\n");
+    }
+    // Request 0 opens a connection; every later one first meets the pooled connection, which
+    // swallows it, then succeeds on a fresh one: 1 + 2 * 9 request lines on 10 connections.
+    assert_eq!(up.connections(), 10);
+    assert_eq!(request_lines(&up, "GET"), 19);
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics
+            .contains("gatehouse_upstream_errors_total{upstream=\"app\",kind=\"closed_early\"} 9"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_idempotent_request_is_never_sent_twice() {
+    let up = RawUpstream::one_answer_per_connection().await;
+    let proxy = Proxy::start(&format!(
+        "{}{}",
+        upstream_toml("app", &[up.addr()]),
+        route_toml("/", "app")
+    ))
+    .await;
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    conn.send(b"POST /first HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\nhi")
+        .await;
+    assert_eq!(conn.read_response(false).await.status, 200);
+    // The pooled connection dies under the second POST: that POST may have been acted on, so
+    // it must not be repeated; the client gets 502.
+    conn.send(b"POST /second HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\nhi")
+        .await;
+    assert_eq!(conn.read_response(false).await.status, 502);
+    assert_eq!(up.received_text().matches("POST /second").count(), 1);
+    assert_eq!(up.connections(), 1);
+}

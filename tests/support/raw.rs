@@ -108,6 +108,56 @@ impl RawUpstream {
         .await
     }
 
+    /// Answers the first request on each connection (`200`, body "ok\n", keep-alive), then
+    /// reads the next request head and closes without answering: a pooled connection that passed
+    /// every liveness check and still dies under the next request, as when the server's idle
+    /// timeout fires just as the request arrives.
+    pub async fn one_answer_per_connection() -> RawUpstream {
+        RawUpstream::start(|mut stream, received| {
+            Box::pin(async move {
+                let mut pending = Vec::new();
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut answered = false;
+                loop {
+                    let n = match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    lock(&received).extend_from_slice(&buf[..n]);
+                    pending.extend_from_slice(&buf[..n]);
+                    let Some(end) = find(&pending, b"\r\n\r\n") else {
+                        continue;
+                    };
+                    if answered {
+                        return;
+                    }
+                    let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                    let body_len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while pending.len() < end + 4 + body_len {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                lock(&received).extend_from_slice(&buf[..n]);
+                                pending.extend_from_slice(&buf[..n]);
+                            }
+                        }
+                    }
+                    pending.drain(..end + 4 + body_len);
+                    let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
+                    if stream.write_all(reply).await.is_err() {
+                        return;
+                    }
+                    answered = true;
+                }
+            })
+        })
+        .await
+    }
+
     /// Accepts, reads and records, never answers; holds the connection until the peer closes.
     pub async fn hang() -> RawUpstream {
         RawUpstream::start(|mut stream, received| {
