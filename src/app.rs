@@ -36,11 +36,11 @@ pub struct Shared {
 pub enum StartError {
     #[error("{0}")]
     Config(#[from] ConfigError),
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what}): {error}")]
     Bind {
         what: String,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("cannot open the access log: {0}")]
     AccessLog(std::io::Error),
@@ -74,18 +74,18 @@ impl Gatehouse {
             AccessLog::start(&snapshot.log, Arc::clone(&metrics)).map_err(StartError::AccessLog)?;
         let mut bound = Vec::with_capacity(snapshot.listeners.len());
         for l in &snapshot.listeners {
-            let socket = listener::bind(l.listen).map_err(|source| StartError::Bind {
+            let socket = listener::bind(l.listen).map_err(|error| StartError::Bind {
                 what: format!("listener {}", l.name),
                 addr: l.listen,
-                source,
+                error,
             })?;
             bound.push((l.name.clone(), l.max_connections, socket));
         }
         let admin_socket = match &snapshot.admin {
-            Some(a) => Some(listener::bind(a.listen).map_err(|source| StartError::Bind {
+            Some(a) => Some(listener::bind(a.listen).map_err(|error| StartError::Bind {
                 what: "admin API".into(),
                 addr: a.listen,
-                source,
+                error,
             })?),
             None => None,
         };

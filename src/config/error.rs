@@ -1,8 +1,8 @@
 //! Config errors that point at the file: `FILE:LINE:COL: message`, the form editors and CI jump to.
 //!
-//! Neighbours: `mod.rs` turns TOML/serde errors into one `Diagnostic`, `compile.rs` reports every
-//! semantic problem it finds as a `Problem` (a byte span and a message), and `gatehouse check`
-//! prints the resulting `ConfigError`.
+//! Neighbours: `mod.rs` turns a TOML/serde error into a `Problem`, `keys.rs` reports every unknown
+//! key and `compile.rs` every semantic problem as a `Problem` (a byte span and a message), and
+//! `gatehouse check` prints the resulting `ConfigError`.
 
 use std::fmt;
 use std::ops::Range;

@@ -3,7 +3,8 @@
 //! Neighbours: `mod.rs` parses TOML into these types, `compile.rs` validates them into a
 //! `snapshot::Snapshot`. Nothing here is checked beyond its TOML type: every value a later check
 //! can reject is kept as `Spanned<T>`, so that `compile.rs` can point at it. Every table denies
-//! unknown keys, so a misspelt key is an error instead of a silently ignored setting.
+//! unknown keys, so a misspelt key is an error instead of a silently ignored setting; `keys.rs`
+//! finds them all first (a new nested table needs an entry in its `ROOT`, which a test enforces).
 //! `docs/config.md` documents every key; keep the two in step.
 
 use std::collections::BTreeMap;

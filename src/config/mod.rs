@@ -1,5 +1,6 @@
-//! The config pipeline: TOML text -> `file` (serde schema) -> `compile` (validate, resolve) ->
-//! `snapshot::Snapshot` (what a request reads).
+//! The config pipeline: TOML text -> `keys` (report and drop unknown keys) -> `file` (serde
+//! schema) -> `compile` (validate, resolve) -> `snapshot::Snapshot` (what a request reads).
+//! Unknown keys are dropped before serde runs so that they do not hide the problems after them.
 //!
 //! Neighbours: `cli.rs` (`gatehouse check`) and `app.rs` (start and reload) call `load`; the
 //! request path only ever sees the `Snapshot`. Errors carry `file:line:col`; see `error.rs`.
@@ -8,6 +9,7 @@
 mod compile;
 mod error;
 mod file;
+mod keys;
 pub mod snapshot;
 mod values;
 
@@ -33,19 +35,37 @@ pub fn load_str(
     text: &str,
     metrics: &Metrics,
 ) -> Result<snapshot::Snapshot, ConfigError> {
-    // Syntax and schema errors (bad TOML, unknown key, wrong type, missing key) stop the parse,
-    // so there is exactly one; semantic problems below are all collected.
-    let parsed: file::FileConfig = toml::from_str(text).map_err(|e| {
-        let span = e.span().unwrap_or(0..0);
-        ConfigError::from_problems(
-            path,
-            text,
-            vec![error::Problem {
-                span,
-                message: e.message().to_owned(),
-            }],
-        )
-    })?;
-    compile::compile(text, parsed, metrics)
-        .map_err(|problems| ConfigError::from_problems(path, text, problems))
+    // A syntax error stops everything, so it is the only diagnostic. Unknown keys are all
+    // reported, then removed, so that the checks below still run. A wrong type or a missing key
+    // stops deserialization, so it is reported alone with the unknown keys; semantic problems are
+    // all collected.
+    let one = |e: toml::de::Error| error::Problem {
+        span: e.span().unwrap_or(0..0),
+        message: e.message().to_owned(),
+    };
+    let mut root = toml::de::DeTable::parse(text)
+        .map_err(|e| ConfigError::from_problems(path, text, vec![one(e)]))?;
+    let mut problems = keys::remove_unknown(root.get_mut());
+    let compiled =
+        <file::FileConfig as serde::Deserialize>::deserialize(toml::de::Deserializer::from(root))
+            .map_err(|e| vec![one(e)])
+            .and_then(|parsed| {
+                // A file rejected for its unknown keys must add no names to the registry.
+                let scratch;
+                let metrics = if problems.is_empty() {
+                    metrics
+                } else {
+                    scratch = Metrics::default();
+                    &scratch
+                };
+                compile::compile(text, parsed, metrics)
+            });
+    match compiled {
+        Ok(snapshot) if problems.is_empty() => Ok(snapshot),
+        Ok(_) => Err(ConfigError::from_problems(path, text, problems)),
+        Err(more) => {
+            problems.extend(more);
+            Err(ConfigError::from_problems(path, text, problems))
+        }
+    }
 }

@@ -522,10 +522,16 @@ fn every_semantic_error_is_reported_in_file_order() {
 
 #[test]
 fn schema_errors_have_positions() {
-    assert_one_error(
-        &format!("{LISTENER}[[route]]\npath = \"/\"\nrespnd = {{ status = 200 }}\n"),
-        "6:1",
-        "unknown field `respnd`",
+    // The misspelt key is dropped and the checks still run, so the route also lacks a `respond`.
+    assert_eq!(
+        errors(&format!(
+            "{LISTENER}[[route]]\npath = \"/\"\nrespnd = {{ status = 200 }}\n"
+        )),
+        [
+            "4:1: route \"route1\" needs `upstream = \"<name>\"` or `respond = { status = 200 }`",
+            "6:1: unknown field `respnd`, expected one of `name`, `host`, `path`, `upstream`, \
+             `respond`, `max_body_bytes`, `timeouts`, `access_log`",
+        ]
     );
     assert_one_error(
         &format!("{LISTENER}[limits]\nmax_headers = \"many\"\n"),
@@ -549,6 +555,183 @@ fn schema_errors_have_positions() {
         ),
         "5:38",
         "unknown field `wieght`",
+    );
+}
+
+#[test]
+fn every_unknown_key_is_reported_with_the_other_problems() {
+    let text = format!(
+        "{LISTENER}colour = \"blue\"\n\
+         [upstream.app]\nservers = [\"127.0.0.1:9000\"]\nflavour = \"vanilla\"\n\
+         [[route]]\npath = \"/\"\nupstream = \"nope\"\n"
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "4:1: unknown field `colour`, expected one of `name`, `listen`, `max_connections`",
+            "7:1: unknown field `flavour`, expected one of `servers`, `keepalive`, `timeouts`",
+            "10:12: unknown upstream \"nope\" (defined: app)",
+        ]
+    );
+}
+
+#[test]
+fn unknown_keys_are_found_in_every_table() {
+    let text = r#"logs = 1
+log.colour = "x"
+"quoted key" = 2
+[adminn]
+listen = "x"
+[admin]
+listen = "127.0.0.1:9901"
+bind = 1
+[timeouts]
+conect = 1
+[limits]
+max_bodies = 1
+[[listener]]
+name = "web"
+listen = "127.0.0.1:0"
+[upstream.app]
+servers = [{ address = "127.0.0.1:1", wieght = 2 }, "127.0.0.1:2"]
+timeouts = { conect = "1s" }
+[upstream.app.extra]
+a = 1
+[[route]]
+path = "/"
+respond = { status = 200, bdy = "x" }
+timeouts.clinet_body = "1s"
+[[routes]]
+path = "/"
+"#;
+    let positions: Vec<String> = errors(text)
+        .iter()
+        .map(|e| {
+            let (position, message) = e.split_once(": ").unwrap_or_default();
+            let key = message.split('`').nth(1).unwrap_or_default();
+            format!("{position} {key}")
+        })
+        .collect();
+    assert_eq!(
+        positions,
+        [
+            "1:1 logs",
+            "2:5 colour",
+            "3:1 quoted key",
+            "4:2 adminn",
+            "8:1 bind",
+            "10:1 conect",
+            "12:1 max_bodies",
+            "17:39 wieght",
+            "18:14 conect",
+            "19:15 extra",
+            "23:27 bdy",
+            "24:10 clinet_body",
+            "25:3 routes",
+        ]
+    );
+}
+
+#[test]
+fn unknown_key_and_wrong_type_are_both_reported() {
+    assert_eq!(
+        errors(&format!(
+            "{LISTENER}[limits]\nmax_headers = \"many\"\nmax_header = 1\n"
+        ))
+        .iter()
+        .map(|e| e.split(": ").next().unwrap_or_default())
+        .collect::<Vec<_>>(),
+        ["5:15", "6:1"]
+    );
+}
+
+/// `keys::ROOT` names which serde struct describes which table; the keys themselves come from
+/// serde. Every table `examples/full.toml` uses (it uses every key) must be described, and every
+/// description must name real keys.
+#[test]
+fn key_scan_describes_every_table() {
+    use super::keys::{Node, ROOT};
+    use toml::de::{DeTable, DeValue};
+
+    fn check_node(node: &Node, path: &str) {
+        match node {
+            Node::Struct { fields, children } => {
+                let fields = fields();
+                assert!(!fields.is_empty(), "{path}: no fields caught from serde");
+                for (name, child) in *children {
+                    assert!(fields.contains(name), "{path}: `{name}` is not a key");
+                    check_node(child, &format!("{path}.{name}"));
+                }
+            }
+            Node::Map(each) | Node::Array(each) => check_node(each, &format!("{path}[]")),
+        }
+    }
+
+    fn holds_tables(value: &DeValue<'_>) -> bool {
+        match value {
+            DeValue::Table(_) => true,
+            DeValue::Array(a) => a.iter().any(|v| holds_tables(v.get_ref())),
+            _ => false,
+        }
+    }
+
+    fn walk(node: &Node, value: &DeValue<'_>, path: &str, seen: &mut Vec<String>) {
+        match (node, value) {
+            (Node::Struct { children, .. }, DeValue::Table(table)) => {
+                seen.push(path.to_owned());
+                for (key, value) in table.iter() {
+                    let key: &str = key.get_ref();
+                    let path = format!("{path}.{key}");
+                    match children.iter().find(|(name, _)| *name == key) {
+                        Some((_, child)) => walk(child, value.get_ref(), &path, seen),
+                        None => assert!(
+                            !holds_tables(value.get_ref()),
+                            "{path} holds tables but keys::ROOT does not describe it"
+                        ),
+                    }
+                }
+            }
+            (Node::Map(each), DeValue::Table(table)) => {
+                for (_, value) in table.iter() {
+                    walk(each, value.get_ref(), &format!("{path}[]"), seen);
+                }
+            }
+            (Node::Array(each), DeValue::Array(array)) => {
+                for value in array.iter() {
+                    if let DeValue::Table(_) = value.get_ref() {
+                        walk(each, value.get_ref(), &format!("{path}[]"), seen);
+                    }
+                }
+            }
+            _ => panic!("{path} has a shape keys::ROOT does not expect"),
+        }
+    }
+
+    check_node(&ROOT, "");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/full.toml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
+    let root = DeTable::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    let mut seen = Vec::new();
+    walk(&ROOT, &DeValue::Table(root.into_inner()), "", &mut seen);
+    seen.sort();
+    seen.dedup();
+    // Every described table is used by the example, so the checks above covered them all.
+    assert_eq!(
+        seen,
+        [
+            "",
+            ".admin",
+            ".limits",
+            ".listener[]",
+            ".log",
+            ".route[]",
+            ".route[].respond",
+            ".route[].timeouts",
+            ".timeouts",
+            ".upstream[]",
+            ".upstream[].servers[]",
+            ".upstream[].timeouts",
+        ]
     );
 }
 
