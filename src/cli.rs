@@ -76,10 +76,19 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = snapshot.workers {
-        builder.worker_threads(workers);
-    }
+    // One worker: a current-thread runtime, with no work-stealing machinery to pay for and no
+    // hand-off between a driver thread and a worker. More: a multi-thread runtime, so that one
+    // pool of upstream connections serves every thread (connections stay warm whichever thread
+    // a client lands on).
+    let mut builder = match snapshot.workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(workers) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(workers);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = builder
         .enable_all()
         .thread_name("gatehouse-worker")

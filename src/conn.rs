@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -178,7 +178,17 @@ async fn wait_readable(client: &mut Client, until: Instant, shared: &Shared) -> 
         client.buf.reserve(HEAD_BUF);
         match client.stream.try_read_buf(&mut client.buf) {
             Ok(0) => return Err(NoHead::Quiet),
-            Ok(_) => return Ok(()),
+            Ok(_) => {
+                if client.buf.len() < client.buf.capacity() {
+                    // A short read drained the socket. Say so, as tokio's own `poll_read` does,
+                    // so the next wait goes straight to epoll instead of first paying for a
+                    // read that can only return EAGAIN (one syscall per request saved).
+                    let _ = client.stream.try_io(Interest::READABLE, || {
+                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                    });
+                }
+                return Ok(());
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(_) => return Err(NoHead::Quiet),
         }
