@@ -128,12 +128,7 @@ impl RequestHead {
 
 /// Looks for a complete head at the start of `buf`. `Ok(None)`: need more bytes. On success the
 /// head's bytes are split off `buf`; what follows (body, a pipelined request) stays in it.
-/// `fields` is the connection's reusable field vector, moved into the returned head.
-pub fn parse(
-    buf: &mut BytesMut,
-    limits: &ConnLimits,
-    fields: Vec<Field>,
-) -> Result<Option<RequestHead>, HeadError> {
+pub fn parse(buf: &mut BytesMut, limits: &ConnLimits) -> Result<Option<RequestHead>, HeadError> {
     let mut storage = [httparse::EMPTY_HEADER; 128];
     let max_headers = limits.max_headers.min(storage.len());
     let mut req = httparse::Request::new(&mut storage[..max_headers]);
@@ -172,8 +167,7 @@ pub fn parse(
     }
     let method_span = Span::of(base, method.as_bytes());
     let target_span = Span::of(base, target.as_bytes());
-    let mut fields = fields;
-    fields.clear();
+    let mut fields = Vec::with_capacity(req.headers.len());
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         fields.push(Field {
@@ -427,7 +421,7 @@ mod tests {
 
     fn parse_str(s: &str) -> Result<Option<RequestHead>, HeadError> {
         let mut buf = BytesMut::from(s.as_bytes());
-        parse(&mut buf, &LIMITS, Vec::new())
+        parse(&mut buf, &LIMITS)
     }
 
     fn ok(s: &str) -> RequestHead {
@@ -537,7 +531,7 @@ mod tests {
     #[test]
     fn pipelined_bytes_stay_in_the_buffer() {
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2"[..]);
-        let h = parse(&mut buf, &LIMITS, Vec::new()).ok().flatten();
+        let h = parse(&mut buf, &LIMITS).ok().flatten();
         assert!(h.is_some());
         assert_eq!(&buf[..], b"GET /2");
     }
