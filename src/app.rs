@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,33 @@ pub struct Shared {
     /// Cancelled when the drain starts: stop accepting, close idle connections, and answer
     /// in-flight requests with `Connection: close`.
     pub drain: CancellationToken,
+    /// The same fact as `drain`, readable with one atomic load: the request path asks on every
+    /// response, and `CancellationToken::is_cancelled` takes a lock.
+    draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>, access_log: AccessLog) -> Shared {
+        Shared {
+            config: ArcSwap::from_pointee(snapshot),
+            pool: Pool::default(),
+            metrics,
+            access_log,
+            drain: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Starts the drain: stop accepting, close idle connections, close busy ones after their
+    /// current response.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.drain.cancel();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,13 +118,7 @@ impl Gatehouse {
             None => None,
         };
 
-        let shared = Arc::new(Shared {
-            config: ArcSwap::from_pointee(snapshot),
-            pool: Pool::default(),
-            metrics: Arc::clone(&metrics),
-            access_log,
-            drain: CancellationToken::new(),
-        });
+        let shared = Arc::new(Shared::new(snapshot, Arc::clone(&metrics), access_log));
         let connections = TaskTracker::new();
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
@@ -170,7 +192,7 @@ impl Gatehouse {
     /// Begins a graceful shutdown: stop accepting, close idle connections, let in-flight requests
     /// finish (their responses say `Connection: close`).
     pub fn shutdown(&self) {
-        self.shared.drain.cancel();
+        self.shared.start_drain();
     }
 
     /// Resolves once a shutdown has begun and every connection has finished, or the grace period

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
 use crate::config::snapshot::ConnLimits;
+use crate::deadline;
 use crate::http1::request::{self, HeadError, RequestHead};
 use crate::http1::write::{self, Persistence};
 use crate::proxy::{self, Next, ProxyError};
@@ -96,12 +97,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         // The busy part of a cycle is boxed: the task of an idle connection then holds only
         // the small waiting state above, not the room every phase of a request needs (about
         // 4.5 KiB). One allocation per request buys a small idle footprint with 10k clients.
-        let header_deadline = if first {
-            connected + shared.config.load().timeouts.client_header
-        } else {
-            Instant::now() + shared.config.load().timeouts.client_header
-        };
-        match Box::pin(exchange(&mut client, &shared, header_deadline)).await {
+        let head_started = if first { connected } else { Instant::now() };
+        match Box::pin(exchange(&mut client, &shared, head_started)).await {
             Cycle::KeepAlive => {}
             Cycle::Close { linger } => break linger,
         }
@@ -128,9 +125,10 @@ enum Cycle {
 
 /// One request on a connection whose first bytes have arrived: the rest of the head, then the
 /// proxy. The snapshot is loaded once here: a reload between two requests applies to the second.
-async fn exchange(client: &mut Client, shared: &Shared, header_deadline: Instant) -> Cycle {
+async fn exchange(client: &mut Client, shared: &Shared, head_started: Instant) -> Cycle {
     let snap = shared.config.load_full();
-    let head = read_head(client, &snap.limits, header_deadline).await;
+    let deadline = head_started + snap.timeouts.client_header;
+    let head = read_head(client, &snap.limits, deadline).await;
     let head = match head {
         Ok(head) => head,
         Err(NoHead::Quiet) => return Cycle::Close { linger: false },
@@ -166,7 +164,7 @@ async fn read_head(
         if client.buf.capacity() - client.buf.len() < 512 {
             client.buf.reserve(HEAD_BUF);
         }
-        match tokio::time::timeout_at(deadline, client.stream.read_buf(&mut client.buf)).await {
+        match deadline::until(deadline, client.stream.read_buf(&mut client.buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(NoHead::Quiet),
             Ok(Ok(_)) => {}
             Err(_) => return Err(NoHead::TimedOut),

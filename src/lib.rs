@@ -25,6 +25,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod deadline;
 pub mod http1;
 pub mod listener;
 pub mod metrics;

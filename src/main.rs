@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
+
 use gatehouse::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {

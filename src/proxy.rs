@@ -27,6 +27,7 @@ use crate::access_log::AccessEntry;
 use crate::app::Shared;
 use crate::config::snapshot::{FixedResponse, Route, RouteAction, Snapshot, Upstream};
 use crate::conn::Client;
+use crate::deadline;
 use crate::http1::body::{self, Decoder, Encoder, RelayError, RelayLimits};
 use crate::http1::request::{Method, RequestHead};
 use crate::http1::response::{self, ResponseHead};
@@ -98,7 +99,7 @@ pub async fn handle(
         && ex.request_done
         && ex.response_done
         && !ex.close_announced
-        && !shared.drain.is_cancelled();
+        && !shared.is_draining();
     if keep_alive {
         Next::KeepAlive
     } else {
@@ -123,7 +124,7 @@ fn plan_response(
     let keep_alive = head.keep_alive
         && ex.request_done
         && framing != Framing::UntilClose
-        && !shared.drain.is_cancelled();
+        && !shared.is_draining();
     (framing, write::persistence_for(head.version, keep_alive))
 }
 
@@ -289,7 +290,7 @@ async fn forward(
             ex.response_done = true;
             if response.reusable && ex.request_done && up_buf.is_empty() {
                 shared.pool.checkin(
-                    &server.key,
+                    server,
                     conn.stream,
                     upstream.max_idle_per_server,
                     timeouts.idle,
@@ -323,7 +324,7 @@ async fn acquire(
     for _ in 0..attempts {
         let idx = upstream.balancer.pick().ok_or(ProxyError::NoServers)?;
         let server = &upstream.servers[idx];
-        if let Some(stream) = shared.pool.checkout(&server.key) {
+        if let Some(stream) = shared.pool.checkout(server) {
             upstream.metrics.connections_reused.fetch_add(1, Relaxed);
             return Ok((
                 idx,
@@ -364,7 +365,7 @@ async fn send_request(
     ex: &mut Exchange,
 ) -> Result<(), ProxyError> {
     if !head.has_body() {
-        return match tokio::time::timeout(write_timeout, conn.stream.write_all(&client.out)).await {
+        return match deadline::limit(write_timeout, conn.stream.write_all(&client.out)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ProxyError::Upstream(upstream::io_error_kind(&e))),
             Err(_) => Err(ProxyError::Upstream(UpstreamErrorKind::Timeout)),
@@ -441,7 +442,7 @@ async fn read_response_head(
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(8 * 1024);
         }
-        match tokio::time::timeout_at(deadline, conn.stream.read_buf(buf)).await {
+        match deadline::until(deadline, conn.stream.read_buf(buf)).await {
             Ok(Ok(0)) if buf.is_empty() => {
                 return Err(ProxyError::Upstream(UpstreamErrorKind::ClosedEarly))
             }

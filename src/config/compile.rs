@@ -446,6 +446,7 @@ impl Checker<'_> {
                 address,
                 weight: u32::try_from(weight).unwrap_or(1),
                 key: format!("{name}/{address}").into(),
+                idle: Default::default(),
             });
         }
         let max_idle_per_server =

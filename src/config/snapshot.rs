@@ -6,12 +6,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::balance::SmoothWeighted;
 use crate::metrics::{RouteMetrics, UpstreamMetrics};
 use crate::router::Router;
+use crate::upstream::pool::ServerIdle;
 
 /// Everything one request needs, swapped atomically on reload (`ArcSwap<Snapshot>`).
 #[derive(Debug)]
@@ -105,12 +106,15 @@ pub struct Upstream {
     pub metrics: Arc<UpstreamMetrics>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Server {
     pub address: SocketAddr,
     pub weight: u32,
     /// Stable across reloads (upstream name + address), so the pool keeps idle connections warm.
     pub key: Arc<str>,
+    /// This server's idle connections, looked up by `key` on first use and then held here, so
+    /// a request reaches them without a map lookup. Empty in a freshly compiled snapshot.
+    pub idle: OnceLock<Arc<ServerIdle>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

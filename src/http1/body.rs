@@ -12,6 +12,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Framing;
+use crate::deadline;
 
 /// How much is read from a peer at once while relaying a body.
 pub const READ_CHUNK: usize = 32 * 1024;
@@ -425,8 +426,7 @@ where
                 if limits.max_bytes.is_some_and(|max| total > max) {
                     return Err(RelayError::TooLarge);
                 }
-                match tokio::time::timeout(limits.write_timeout, encoder.write(dst, prefix, &data))
-                    .await
+                match deadline::limit(limits.write_timeout, encoder.write(dst, prefix, &data)).await
                 {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => return Err(RelayError::Write(e)),
@@ -434,8 +434,7 @@ where
                 }
             }
             Decoded::Done => {
-                match tokio::time::timeout(limits.write_timeout, encoder.finish(dst, prefix)).await
-                {
+                match deadline::limit(limits.write_timeout, encoder.finish(dst, prefix)).await {
                     Ok(Ok(())) => return Ok(total),
                     Ok(Err(e)) => return Err(RelayError::Write(e)),
                     Err(_) => return Err(RelayError::WriteTimeout),
@@ -445,7 +444,7 @@ where
                 if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                     buf.reserve(READ_CHUNK);
                 }
-                match tokio::time::timeout(limits.read_timeout, src.read_buf(buf)).await {
+                match deadline::limit(limits.read_timeout, src.read_buf(buf)).await {
                     Ok(Ok(0)) => eof = true,
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return Err(RelayError::Read(e)),

@@ -12,13 +12,16 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
+use crate::config::snapshot::Server;
+
 #[derive(Debug, Default)]
 pub struct Pool {
     servers: RwLock<HashMap<Arc<str>, Arc<ServerIdle>>>,
 }
 
+/// One server's idle connections. Snapshots hold an `Arc` of it in `Server::idle`.
 #[derive(Debug, Default)]
-struct ServerIdle {
+pub struct ServerIdle {
     idle: Mutex<Vec<Idle>>,
 }
 
@@ -29,42 +32,45 @@ struct Idle {
 }
 
 impl Pool {
-    fn server(&self, key: &Arc<str>) -> Option<Arc<ServerIdle>> {
-        let servers = self.servers.read().unwrap_or_else(PoisonError::into_inner);
-        servers.get(key).cloned()
+    /// The idle list for `server`, created on first use and cached in the snapshot's `Server`.
+    fn server<'s>(&self, server: &'s Server) -> &'s ServerIdle {
+        server.idle.get_or_init(|| {
+            let found = {
+                let servers = self.servers.read().unwrap_or_else(PoisonError::into_inner);
+                servers.get(&server.key).cloned()
+            };
+            found.unwrap_or_else(|| {
+                let mut servers = self.servers.write().unwrap_or_else(PoisonError::into_inner);
+                Arc::clone(servers.entry(Arc::clone(&server.key)).or_default())
+            })
+        })
     }
 
     /// An idle connection to the server, if one is alive. Connections that expired, were closed
     /// by the server, or have unexpected bytes waiting are discarded on the way.
-    pub fn checkout(&self, key: &Arc<str>) -> Option<TcpStream> {
-        let server = self.server(key)?;
+    pub fn checkout(&self, server: &Server) -> Option<TcpStream> {
+        let list = self.server(server);
         let now = Instant::now();
         loop {
-            let idle = {
-                let mut list = server.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let conn = {
+                let mut list = list.idle.lock().unwrap_or_else(PoisonError::into_inner);
                 list.pop()?
             };
-            if idle.expires > now && is_quiet(&idle.stream) {
-                return Some(idle.stream);
+            if conn.expires > now && is_quiet(&conn.stream) {
+                return Some(conn.stream);
             }
         }
     }
 
     /// Returns a connection that finished an exchange cleanly. Over `max_idle`, the oldest idle
     /// connection is closed instead.
-    pub fn checkin(&self, key: &Arc<str>, stream: TcpStream, max_idle: usize, idle: Duration) {
+    pub fn checkin(&self, server: &Server, stream: TcpStream, max_idle: usize, idle: Duration) {
         if max_idle == 0 {
             return;
         }
-        let server = match self.server(key) {
-            Some(s) => s,
-            None => {
-                let mut servers = self.servers.write().unwrap_or_else(PoisonError::into_inner);
-                Arc::clone(servers.entry(Arc::clone(key)).or_default())
-            }
-        };
+        let list = self.server(server);
         let evicted = {
-            let mut list = server.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut list = list.idle.lock().unwrap_or_else(PoisonError::into_inner);
             list.push(Idle {
                 stream,
                 expires: Instant::now() + idle,
