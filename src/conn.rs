@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::access_log::AccessEntry;
@@ -65,7 +66,18 @@ enum NoHead {
     TimedOut,
 }
 
-pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// Serves one client connection to its end. `permit` is its slot under the listener's connection
+/// cap, given back when this returns.
+///
+/// Written as a plain function returning an `async move` block rather than as an `async fn`:
+/// an async fn keeps its arguments in the task as well as the locals they are moved into, and
+/// every idle connection would carry that dead copy.
+pub fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: OwnedSemaphorePermit,
+) -> impl std::future::Future<Output = ()> {
     let _ = stream.set_nodelay(true);
     shared.metrics.connection_opened();
     let connected = Instant::now();
@@ -77,42 +89,45 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         out: Vec::new(),
         up_buf: BytesMut::new(),
     };
-    let mut first = true;
-    let linger = loop {
-        if client.buf.is_empty() {
-            // The first request must start within the header timeout; later ones within the
-            // keep-alive idle timeout.
-            let until = {
-                let config = shared.config.load();
-                if first {
-                    connected + config.timeouts.client_header
-                } else {
-                    Instant::now() + config.timeouts.client_idle
+    async move {
+        let mut first = true;
+        let linger = loop {
+            if client.buf.is_empty() {
+                // The first request must start within the header timeout; later ones within
+                // the keep-alive idle timeout.
+                let until = {
+                    let config = shared.config.load();
+                    if first {
+                        connected + config.timeouts.client_header
+                    } else {
+                        Instant::now() + config.timeouts.client_idle
+                    }
+                };
+                if wait_readable(&mut client, until, &shared).await.is_err() {
+                    break false;
                 }
-            };
-            if wait_readable(&mut client, until, &shared).await.is_err() {
-                break false;
             }
+            // The busy part of a cycle is boxed: the task of an idle connection then holds
+            // only the small waiting state above, not the room every phase of a request needs
+            // (about 4.5 KiB). One allocation per request buys a small idle footprint.
+            let head_started = if first { connected } else { Instant::now() };
+            match Box::pin(exchange(&mut client, &shared, head_started)).await {
+                Cycle::KeepAlive => {}
+                Cycle::Close { linger } => break linger,
+            }
+            first = false;
+            client.release_buffers();
+        };
+        if linger {
+            // Boxed for the same reason as the exchange: its read buffer would otherwise be
+            // part of every connection's task.
+            Box::pin(close_gracefully(&mut client.stream)).await;
+        } else {
+            let _ = client.stream.shutdown().await;
         }
-        // The busy part of a cycle is boxed: the task of an idle connection then holds only
-        // the small waiting state above, not the room every phase of a request needs (about
-        // 4.5 KiB). One allocation per request buys a small idle footprint with 10k clients.
-        let head_started = if first { connected } else { Instant::now() };
-        match Box::pin(exchange(&mut client, &shared, head_started)).await {
-            Cycle::KeepAlive => {}
-            Cycle::Close { linger } => break linger,
-        }
-        first = false;
-        client.release_buffers();
-    };
-    if linger {
-        // Boxed for the same reason as the exchange: its read buffer would otherwise be part of
-        // every connection's task.
-        Box::pin(close_gracefully(&mut client.stream)).await;
-    } else {
-        let _ = client.stream.shutdown().await;
+        shared.metrics.connection_closed();
+        drop(permit);
     }
-    shared.metrics.connection_closed();
 }
 
 enum Cycle {
@@ -175,8 +190,11 @@ async fn read_head(
 /// Waits, holding no buffer, until the client sends something; then reads it.
 async fn wait_readable(client: &mut Client, until: Instant, shared: &Shared) -> Result<(), NoHead> {
     loop {
+        // `poll_read_ready` parks the waker in the socket's own registration; `readable()`
+        // would put a 150-byte waiter in every idle connection's task.
+        let ready = std::future::poll_fn(|cx| client.stream.poll_read_ready(cx));
         tokio::select! {
-            ready = client.stream.readable() => ready.map_err(|_| NoHead::Quiet)?,
+            ready = ready => ready.map_err(|_| NoHead::Quiet)?,
             _ = tokio::time::sleep_until(until) => return Err(NoHead::Quiet),
             _ = shared.drain.cancelled() => return Err(NoHead::Quiet),
         }

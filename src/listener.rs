@@ -56,11 +56,7 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let shared = Arc::clone(&shared);
-                connections.spawn(async move {
-                    conn::serve(stream, peer, shared).await;
-                    drop(permit);
-                });
+                connections.spawn(conn::serve(stream, peer, Arc::clone(&shared), permit));
             }
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of spinning on the error.
