@@ -4,6 +4,8 @@
 //! never reach an upstream: both Content-Length and Transfer-Encoding, differing or malformed
 //! Content-Length, codings we cannot frame, obs-fold, bare CR/LF, NUL, bad or repeated Host.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Bytes, BytesMut};
 
 use super::{
@@ -129,10 +131,16 @@ impl RequestHead {
 /// Looks for a complete head at the start of `buf`. `Ok(None)`: need more bytes. On success the
 /// head's bytes are split off `buf`; what follows (body, a pipelined request) stays in it.
 pub fn parse(buf: &mut BytesMut, limits: &ConnLimits) -> Result<Option<RequestHead>, HeadError> {
-    let mut storage = [httparse::EMPTY_HEADER; 128];
+    // Uninitialised slots: zeroing 128 headers (4 KiB) on every parse attempt showed in profiles.
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
     let max_headers = limits.max_headers.min(storage.len());
-    let mut req = httparse::Request::new(&mut storage[..max_headers]);
-    let head_len = match req.parse(buf) {
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        buf,
+        &mut storage[..max_headers],
+    );
+    let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             return need_more_or_too_large(buf, limits);
