@@ -222,11 +222,12 @@ async fn forward(
     };
     let response = match first {
         Ok(r) => r,
-        Err(ProxyError::Upstream(kind))
-            if conn.reused && retryable && kind != UpstreamErrorKind::Timeout =>
-        {
-            // A pooled connection the server had already closed: the request never reached it,
-            // and it is safe to send again, once, on a connection we open now.
+        Err(ProxyError::Upstream(
+            kind @ (UpstreamErrorKind::ClosedEarly | UpstreamErrorKind::Reset),
+        )) if conn.reused && retryable && up_buf.is_empty() => {
+            // A pooled connection the server closed as we used it, before a byte of response:
+            // the request is safe to send again, once, on a connection we open now. A timeout
+            // or a partial response is not retried: the server may be working on it.
             upstream.metrics.error(kind);
             up_buf.clear();
             let stream = upstream::connect(server.address, timeouts.connect)
