@@ -25,7 +25,9 @@ pub use error::ProxyError;
 
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
-use crate::config::snapshot::{FixedResponse, Route, RouteAction, Snapshot, Upstream};
+use crate::config::snapshot::{
+    FixedResponse, Route, RouteAction, Snapshot, Upstream, UpstreamTimeouts,
+};
 use crate::conn::Client;
 use crate::deadline;
 use crate::http1::body::{self, Decoder, Encoder, RelayError, RelayLimits};
@@ -206,20 +208,7 @@ async fn forward(
 
     let retryable = head.method.is_idempotent() && !head.has_body();
     let mut up_buf = std::mem::take(&mut client.up_buf);
-    let sent = send_request(client, head, route, &mut conn, timeouts.write, ex).await;
-    let first = match sent {
-        Ok(()) => {
-            read_response_head(
-                &mut conn,
-                &mut up_buf,
-                head,
-                client,
-                timeouts.response_header,
-            )
-            .await
-        }
-        Err(e) => Err(e),
-    };
+    let first = round_trip(client, head, route, &mut conn, &mut up_buf, &timeouts, ex).await;
     let response = match first {
         Ok(r) => r,
         Err(ProxyError::Upstream(
@@ -245,16 +234,9 @@ async fn forward(
                 reused: false,
             };
             write::request_head(&mut client.out, head, fwd, head.framing);
-            send_request(client, head, route, &mut conn, timeouts.write, ex).await?;
-            read_response_head(
-                &mut conn,
-                &mut up_buf,
-                head,
-                client,
-                timeouts.response_header,
-            )
-            .await
-            .inspect_err(|e| count_upstream_error(upstream, e))?
+            round_trip(client, head, route, &mut conn, &mut up_buf, &timeouts, ex)
+                .await
+                .inspect_err(|e| count_upstream_error(upstream, e))?
         }
         Err(e) => {
             count_upstream_error(upstream, &e);
@@ -354,6 +336,20 @@ async fn acquire(
         }
     }
     Err(last)
+}
+
+/// Sends the request on `conn` and reads the final response head.
+async fn round_trip(
+    client: &mut Client,
+    head: &RequestHead,
+    route: &Route,
+    conn: &mut UpstreamConn,
+    up_buf: &mut BytesMut,
+    timeouts: &UpstreamTimeouts,
+    ex: &mut Exchange,
+) -> Result<ResponseHead, ProxyError> {
+    send_request(client, head, route, conn, timeouts.write, ex).await?;
+    read_response_head(conn, up_buf, head, client, timeouts.response_header).await
 }
 
 /// Sends the head in `client.out` and the request body, if any.
