@@ -5,7 +5,7 @@
 //! `admin.rs` renders them all on `GET /metrics`. Metric names are constants here so that a rename
 //! is one edit and a dashboard can grep for them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -132,7 +132,9 @@ impl DurationHistogram {
 pub struct Metrics {
     // The registries are locked only while a config is compiled and while `/metrics` renders;
     // requests hold the `Arc`s handed out, so the request path never sees these locks.
-    routes: Mutex<BTreeMap<String, Arc<RouteMetrics>>>,
+    // Routes are keyed by the route's own `Arc<str>` name, so a config with a million routes adds
+    // no second copy of each name; `render` sorts them.
+    routes: Mutex<HashMap<Arc<str>, Arc<RouteMetrics>, foldhash::fast::RandomState>>,
     upstreams: Mutex<BTreeMap<String, Arc<UpstreamMetrics>>>,
     request_duration: DurationHistogram,
     client_connections_active: AtomicI64,
@@ -146,7 +148,25 @@ impl Metrics {
     /// that keeps a route keeps its counts.
     pub fn route(&self, name: &str) -> Arc<RouteMetrics> {
         let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(routes.entry(name.to_owned()).or_default())
+        if let Some(m) = routes.get(name) {
+            return Arc::clone(m);
+        }
+        let m = Arc::<RouteMetrics>::default();
+        routes.insert(name.into(), Arc::clone(&m));
+        m
+    }
+
+    /// `route` for many names at once, under one lock; a new name is stored by sharing the
+    /// caller's `Arc<str>` instead of copying it.
+    pub fn routes<'a>(
+        &self,
+        names: impl ExactSizeIterator<Item = &'a Arc<str>>,
+    ) -> Vec<Arc<RouteMetrics>> {
+        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        routes.reserve(names.len());
+        names
+            .map(|name| Arc::clone(routes.entry(Arc::clone(name)).or_default()))
+            .collect()
     }
 
     /// The counters for an upstream name, shared across reloads like `route`.
@@ -192,13 +212,14 @@ impl Metrics {
     /// counters that vanish and reappear would look like resets to `rate()`.
     pub fn render(&self) -> String {
         // Copy the Arcs out so the registry locks are not held while formatting.
-        let routes: Vec<(String, Arc<RouteMetrics>)> = {
+        let mut routes: Vec<(Arc<str>, Arc<RouteMetrics>)> = {
             let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
             routes
                 .iter()
-                .map(|(k, v)| (k.clone(), Arc::clone(v)))
+                .map(|(k, v)| (Arc::clone(k), Arc::clone(v)))
                 .collect()
         };
+        routes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let upstreams: Vec<(String, Arc<UpstreamMetrics>)> = {
             let upstreams = self
                 .upstreams

@@ -9,73 +9,140 @@
 //! no route whose prefix matches the path, the lookup falls through to the next, less specific
 //! group, so a host-less `path = "/"` route is a default for every host.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use crate::config::snapshot::{HostMatch, Route};
 
+type FastSet<T> = HashSet<T, foldhash::fast::RandomState>;
+
 #[derive(Debug, Default)]
 pub struct Router {
-    exact: HashMap<Box<str>, Group>,
+    /// Each group is found by its routes' host (see `Borrow<str> for Group`), so the key is not
+    /// stored a second time.
+    exact: FastSet<Group>,
     /// Keyed by the suffix with its leading dot (`.example.com`).
-    suffix: HashMap<Box<str>, Group>,
-    any: Group,
+    suffix: FastSet<Group>,
+    any: Vec<Arc<Route>>,
 }
 
-/// Routes sharing one host matcher, longest prefix first.
-#[derive(Debug, Default)]
-struct Group {
-    routes: Vec<(Box<str>, Arc<Route>)>,
+/// Routes sharing one host matcher, longest prefix first. Most hosts have a single route, which
+/// is then held without a `Vec`.
+#[derive(Debug)]
+enum Group {
+    One(Arc<Route>),
+    Many(Box<[Arc<Route>]>),
 }
 
 impl Group {
-    fn push(&mut self, route: &Arc<Route>) {
-        self.routes
-            .push((route.path.as_str().into(), Arc::clone(route)));
+    fn routes(&self) -> &[Arc<Route>] {
+        match self {
+            Group::One(route) => std::slice::from_ref(route),
+            Group::Many(routes) => routes,
+        }
     }
 
-    fn finish(&mut self) {
-        // Stable sort keeps file order among equal prefixes; compile.rs rejects exact duplicates.
-        self.routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
+    /// The host (or suffix) that every route in the group has.
+    fn key(&self) -> &str {
+        self.routes()[0].host.as_ref().map_or("", HostMatch::as_str)
     }
+}
 
-    fn find(&self, path: &[u8]) -> Option<&Arc<Route>> {
-        self.routes
-            .iter()
-            .find(|(prefix, _)| path.starts_with(prefix.as_bytes()))
-            .map(|(_, route)| route)
+// A `Group` hashes and compares as its key, so the sets can be queried with a `&str`.
+impl Borrow<str> for Group {
+    fn borrow(&self) -> &str {
+        self.key()
     }
+}
+
+impl Hash for Group {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+impl PartialEq for Group {
+    fn eq(&self, other: &Group) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Group {}
+
+/// The first route (longest prefix first) whose prefix starts `path`.
+fn find_in<'a>(routes: &'a [Arc<Route>], path: &[u8]) -> Option<&'a Arc<Route>> {
+    routes
+        .iter()
+        .find(|route| path.starts_with(route.path.as_bytes()))
+}
+
+/// Longest prefix first; a stable sort keeps file order among equal prefix lengths (compile.rs
+/// rejects exact duplicates).
+fn sort_by_prefix(routes: &mut [Arc<Route>]) {
+    routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
+}
+
+/// Groups `routes` (all of one kind of host match) by host into a set.
+#[allow(
+    clippy::mutable_key_type,
+    reason = "the routes behind a Group hold atomic counters, but a group hashes only by its \
+              routes' host, which never changes"
+)]
+fn group(mut routes: Vec<Arc<Route>>) -> FastSet<Group> {
+    fn host(r: &Arc<Route>) -> &str {
+        r.host.as_ref().map_or("", HostMatch::as_str)
+    }
+    // Stable: within a host, routes stay in file order.
+    routes.sort_by(|a, b| host(a).cmp(host(b)));
+    let mut set = FastSet::with_capacity_and_hasher(routes.len(), Default::default());
+    let mut rest = routes.as_slice();
+    while let Some(first) = rest.first() {
+        let n = rest.iter().take_while(|r| host(r) == host(first)).count();
+        let (same, tail) = rest.split_at(n);
+        rest = tail;
+        let group = match same {
+            [one] => Group::One(Arc::clone(one)),
+            many => {
+                let mut many = many.to_vec();
+                sort_by_prefix(&mut many);
+                Group::Many(many.into_boxed_slice())
+            }
+        };
+        set.insert(group);
+    }
+    set.shrink_to_fit();
+    set
 }
 
 impl Router {
     pub fn build(routes: &[Arc<Route>]) -> Router {
-        let mut router = Router::default();
+        let mut exact = Vec::new();
+        let mut suffix = Vec::new();
+        let mut any = Vec::new();
         for route in routes {
-            match &route.host {
-                Some(HostMatch::Exact(host)) => router
-                    .exact
-                    .entry(host.as_str().into())
-                    .or_default()
-                    .push(route),
-                Some(HostMatch::Suffix(suffix)) => router
-                    .suffix
-                    .entry(suffix.as_str().into())
-                    .or_default()
-                    .push(route),
-                None => router.any.push(route),
-            }
+            let list = match &route.host {
+                Some(HostMatch::Exact(_)) => &mut exact,
+                Some(HostMatch::Suffix(_)) => &mut suffix,
+                None => &mut any,
+            };
+            list.push(Arc::clone(route));
         }
-        router.exact.values_mut().for_each(Group::finish);
-        router.suffix.values_mut().for_each(Group::finish);
-        router.any.finish();
-        router
+        sort_by_prefix(&mut any);
+        any.shrink_to_fit();
+        Router {
+            exact: group(exact),
+            suffix: group(suffix),
+            any,
+        }
     }
 
     /// `host` is the request's host without port, already lower-cased by the caller (or empty);
     /// `path` is the request target's path, without the query.
     pub fn find(&self, host: &str, path: &[u8]) -> Option<&Arc<Route>> {
         if !host.is_empty() {
-            if let Some(route) = self.exact.get(host).and_then(|g| g.find(path)) {
+            if let Some(route) = self.exact.get(host).and_then(|g| find_in(g.routes(), path)) {
                 return Some(route);
             }
             if !self.suffix.is_empty() {
@@ -83,14 +150,18 @@ impl Router {
                 let mut rest = host;
                 while let Some(dot) = rest.find('.') {
                     let suffix = &rest[dot..];
-                    if let Some(route) = self.suffix.get(suffix).and_then(|g| g.find(path)) {
+                    if let Some(route) = self
+                        .suffix
+                        .get(suffix)
+                        .and_then(|g| find_in(g.routes(), path))
+                    {
                         return Some(route);
                     }
                     rest = &rest[dot + 1..];
                 }
             }
         }
-        self.any.find(path)
+        find_in(&self.any, path)
     }
 }
 
@@ -104,12 +175,12 @@ mod tests {
         Arc::new(Route {
             name: name.into(),
             host,
-            path: path.to_string(),
-            action: RouteAction::Respond(FixedResponse {
+            path: path.into(),
+            action: RouteAction::Respond(Box::new(FixedResponse {
                 status: 200,
                 body: bytes::Bytes::new(),
                 content_type: "text/plain".into(),
-            }),
+            })),
             max_body_bytes: 0,
             client_body_timeout: Duration::from_secs(1),
             upstream_timeouts: None,

@@ -9,7 +9,8 @@
 //! Resolution order, most specific first: route `timeouts`/`max_body_bytes` -> upstream `timeouts`
 //! -> global `[timeouts]`/`[limits]` -> the built-in defaults in `defaults`.
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -31,7 +32,7 @@ use super::snapshot::{
 };
 use super::values;
 use crate::balance::SmoothWeighted;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::Router;
 
 /// The built-in defaults; `docs/config.md` lists the same values.
@@ -107,10 +108,12 @@ pub(crate) fn compile(
             Arc::new(u)
         })
         .collect();
+    let route_metrics = metrics.routes(routes.iter().map(|r| &r.name));
     let routes: Vec<Arc<Route>> = routes
         .into_iter()
-        .map(|mut r| {
-            r.metrics = metrics.route(&r.name);
+        .zip(route_metrics)
+        .map(|(mut r, m)| {
+            r.metrics = m;
             Arc::new(r)
         })
         .collect();
@@ -484,10 +487,15 @@ impl Checker<'_> {
         globals: &Globals,
         limits: &Limits,
     ) -> Vec<Route> {
-        let mut names: HashMap<String, Range<usize>> = HashMap::new();
-        // (host, path) -> (route name, span of its path); the router could only ever pick one.
-        let mut pairs: HashMap<RouteKey, (Arc<str>, Range<usize>)> = HashMap::new();
-        let mut out = Vec::with_capacity(routes.len());
+        // Keyed by the route's own `Arc<str>`, so a name is not copied to be checked.
+        let mut names: FastMap<Arc<str>, Range<usize>> =
+            FastMap::with_capacity_and_hasher(routes.len(), Default::default());
+        // Identical paths (most often `/`) share one allocation.
+        let mut paths: HashSet<Arc<str>, foldhash::fast::RandomState> = HashSet::default();
+        let mut pending: Vec<Pending> = Vec::with_capacity(routes.len());
+        let mut auto_name = String::new();
+        // Replaced by the registry's counters once the whole file has passed.
+        let placeholder = Arc::<RouteMetrics>::default();
         for (index, route) in routes.into_iter().enumerate() {
             let route_span = route.span();
             let RouteSection {
@@ -506,30 +514,34 @@ impl Checker<'_> {
                     self.check(n.span(), values::name("route", n.get_ref()));
                     (n.get_ref().as_str().into(), n.span())
                 }
-                None => (format!("route{}", index + 1).into(), route_span.clone()),
+                None => {
+                    use std::fmt::Write as _;
+                    auto_name.clear();
+                    let _ = write!(auto_name, "route{}", index + 1);
+                    (auto_name.as_str().into(), route_span.clone())
+                }
             };
-            if let Some(first) = names.get(&*name) {
+            if let Some(first) = names.get(&name) {
                 let message = format!(
                     "duplicate route name {name:?} (first used on line {}); route names must be unique",
                     self.line_of(first)
                 );
                 self.report(name_span, message);
             } else {
-                names.insert(name.to_string(), name_span);
+                names.insert(Arc::clone(&name), name_span);
             }
 
             let host = host.and_then(|h| self.check(h.span(), values::host(h.get_ref())));
             self.check(path.span(), values::path(path.get_ref()));
-            let key = (host.as_ref().map(HostKey::from), path.get_ref().clone());
-            if let Some((first, first_span)) = pairs.get(&key) {
-                let message = format!(
-                    "route {name:?} has the same host and path as route {first:?} (line {}); only one could ever match",
-                    self.line_of(first_span)
-                );
-                self.report(path.span(), message);
-            } else {
-                pairs.insert(key, (name.clone(), path.span()));
-            }
+            let path_span = path.span();
+            let path: Arc<str> = match paths.get(path.get_ref().as_str()) {
+                Some(p) => Arc::clone(p),
+                None => {
+                    let p: Arc<str> = path.into_inner().into();
+                    paths.insert(Arc::clone(&p));
+                    p
+                }
+            };
 
             let RouteTimeoutsSection {
                 client_body,
@@ -574,26 +586,74 @@ impl Checker<'_> {
                             self.report(v.span(), message);
                         }
                     }
-                    (self.respond(r).map(RouteAction::Respond), None)
+                    let fixed = self.respond(r).map(Box::new);
+                    (fixed.map(RouteAction::Respond), None)
                 }
             };
 
             let max_body_bytes = self.size(max_body_bytes, limits.max_body_bytes);
-            // A failed check leaves no action; the whole compile fails, so no route is built.
-            let Some(action) = action else { continue };
-            out.push(Route {
+            pending.push(Pending {
+                path_span,
+                route: action.map(|action| Route {
+                    name: Arc::clone(&name),
+                    host: None,
+                    path: Arc::clone(&path),
+                    action,
+                    max_body_bytes,
+                    client_body_timeout,
+                    upstream_timeouts,
+                    access_log: access_log.unwrap_or(true),
+                    metrics: Arc::clone(&placeholder),
+                }),
                 name,
                 host,
-                path: path.into_inner(),
-                action,
-                max_body_bytes,
-                client_body_timeout,
-                upstream_timeouts,
-                access_log: access_log.unwrap_or(true),
-                metrics: Arc::default(),
+                path,
             });
         }
-        out
+        drop(names);
+        drop(paths);
+
+        // Two routes with the same (host, path): the router could only ever pick one. The path
+        // is the only place this check reports at, so running it after the loop above keeps the
+        // order of the messages.
+        {
+            let mut pairs: FastMap<PairKey<'_>, usize> =
+                FastMap::with_capacity_and_hasher(pending.len(), Default::default());
+            let mut duplicates = Vec::new();
+            for (i, p) in pending.iter().enumerate() {
+                let host = p.host.as_ref().map(|h| match h {
+                    HostMatch::Exact(s) => (false, &**s),
+                    HostMatch::Suffix(s) => (true, &**s),
+                });
+                match pairs.entry((host, &*p.path)) {
+                    Entry::Occupied(first) => duplicates.push((i, *first.get())),
+                    Entry::Vacant(slot) => {
+                        slot.insert(i);
+                    }
+                }
+            }
+            drop(pairs);
+            for (i, first) in duplicates {
+                let (p, first) = (&pending[i], &pending[first]);
+                let message = format!(
+                    "route {:?} has the same host and path as route {:?} (line {}); only one could ever match",
+                    p.name,
+                    first.name,
+                    self.line_of(&first.path_span)
+                );
+                self.report(p.path_span.clone(), message);
+            }
+        }
+
+        // A failed check leaves no action; the whole compile fails, so no route is built.
+        pending
+            .into_iter()
+            .filter_map(|p| {
+                let mut route = p.route?;
+                route.host = p.host;
+                Some(route)
+            })
+            .collect()
     }
 
     /// A proxy route's upstream and its timeouts: the upstream's, with the route's
@@ -675,21 +735,17 @@ impl Checker<'_> {
     }
 }
 
-/// A route's (host, path): two routes with the same key are a config error.
-type RouteKey = (Option<HostKey>, String);
-
-/// `HostMatch` without `Hash`; the duplicate check only needs equality.
-#[derive(PartialEq, Eq, Hash)]
-enum HostKey {
-    Exact(String),
-    Suffix(String),
+/// One route between its checks and the duplicate (host, path) check.
+struct Pending {
+    name: Arc<str>,
+    host: Option<HostMatch>,
+    path: Arc<str>,
+    path_span: Range<usize>,
+    /// `None` when a check failed; `host` is filled in at the end.
+    route: Option<Route>,
 }
 
-impl From<&HostMatch> for HostKey {
-    fn from(h: &HostMatch) -> HostKey {
-        match h {
-            HostMatch::Exact(s) => HostKey::Exact(s.clone()),
-            HostMatch::Suffix(s) => HostKey::Suffix(s.clone()),
-        }
-    }
-}
+/// A route's (host as (is a suffix, name), path) in the duplicate check.
+type PairKey<'a> = (Option<(bool, &'a str)>, &'a str);
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;

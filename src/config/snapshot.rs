@@ -135,7 +135,8 @@ pub struct Route {
     /// The route's `name`, or `route<N>` from its position in the file; a metric label.
     pub name: Arc<str>,
     pub host: Option<HostMatch>,
-    pub path: String,
+    /// Shared by every route with the same path (most configs repeat a few, such as `/`).
+    pub path: Arc<str>,
     pub action: RouteAction,
     /// Largest request body accepted; over it: 413.
     pub max_body_bytes: u64,
@@ -151,15 +152,25 @@ pub struct Route {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostMatch {
     /// Lower-cased, without a port.
-    Exact(String),
+    Exact(Box<str>),
     /// `*.example.com` stored as `.example.com`: matches any name ending with it.
-    Suffix(String),
+    Suffix(Box<str>),
+}
+
+impl HostMatch {
+    /// The stored name: the exact host, or the suffix with its leading dot.
+    pub fn as_str(&self) -> &str {
+        match self {
+            HostMatch::Exact(s) | HostMatch::Suffix(s) => s,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub enum RouteAction {
     Proxy(UpstreamId),
-    Respond(FixedResponse),
+    /// Boxed: it is the rare, large variant, and a route with many siblings should stay small.
+    Respond(Box<FixedResponse>),
 }
 
 #[derive(Debug, Clone)]

@@ -128,9 +128,10 @@ pub fn host(value: &str) -> Result<HostMatch, String> {
         ));
     }
     Ok(if wildcard {
-        HostMatch::Suffix(format!(".{name}"))
+        // `*.example.com` -> `.example.com`.
+        HostMatch::Suffix(lower[1..].into())
     } else {
-        HostMatch::Exact(name.to_owned())
+        HostMatch::Exact(lower.into_boxed_str())
     })
 }
 
