@@ -268,3 +268,34 @@ async fn close_gracefully(stream: &mut TcpStream) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every idle keep-alive connection is one task of this size (benchmarks.md, optimisation
+    /// log, entry 2): it was 4,776 bytes before the busy part of a cycle was boxed. Not a timing
+    /// check: a structural guard against an await that pulls request state back into the task.
+    #[tokio::test]
+    async fn idle_connection_task_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let config = "[[listener]]\nname = \"w\"\nlisten = \"127.0.0.1:0\"\n\
+                      [[route]]\npath = \"/\"\nrespond = { status = 200 }\n";
+        let snapshot =
+            crate::config::load_str(std::path::Path::new("t.toml"), config, &metrics).unwrap();
+        let shared = Arc::new(Shared::new(snapshot, metrics, Default::default()));
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .unwrap();
+        let task = serve(stream, addr, shared, permit);
+        assert!(
+            std::mem::size_of_val(&task) <= 640,
+            "a connection task is {} bytes",
+            std::mem::size_of_val(&task)
+        );
+    }
+}
