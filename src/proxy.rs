@@ -26,7 +26,7 @@ pub use error::ProxyError;
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
 use crate::config::snapshot::{
-    FixedResponse, Route, RouteAction, Snapshot, Upstream, UpstreamTimeouts,
+    FixedResponse, Route, RouteAction, Server, Snapshot, Upstream, UpstreamTimeouts,
 };
 use crate::conn::Client;
 use crate::deadline;
@@ -219,20 +219,9 @@ async fn forward(
             // or a partial response is not retried: the server may be working on it.
             upstream.metrics.error(kind);
             up_buf.clear();
-            let stream = upstream::connect(server.address, timeouts.connect)
+            conn = open(upstream, server, timeouts.connect)
                 .await
-                .map_err(|kind| {
-                    upstream.metrics.error(kind);
-                    ProxyError::Upstream(kind)
-                })?;
-            upstream
-                .metrics
-                .connections_opened
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            conn = UpstreamConn {
-                stream,
-                reused: false,
-            };
+                .map_err(ProxyError::Upstream)?;
             write::request_head(&mut client.out, head, fwd, head.framing);
             round_trip(client, head, route, &mut conn, &mut up_buf, &timeouts, ex)
                 .await
@@ -317,25 +306,37 @@ async fn acquire(
                 },
             ));
         }
-        match upstream::connect(server.address, connect_timeout).await {
-            Ok(stream) => {
-                upstream.metrics.connections_opened.fetch_add(1, Relaxed);
-                return Ok((
-                    idx,
-                    UpstreamConn {
-                        stream,
-                        reused: false,
-                    },
-                ));
-            }
-            Err(kind) => {
-                upstream.metrics.error(kind);
-                tracing::debug!(server = %server.address, error = kind.as_str(), "connect failed");
-                last = ProxyError::Upstream(kind);
-            }
+        match open(upstream, server, connect_timeout).await {
+            Ok(conn) => return Ok((idx, conn)),
+            Err(kind) => last = ProxyError::Upstream(kind),
         }
     }
     Err(last)
+}
+
+/// Opens a new connection to `server`, counting it (or its failure) in the upstream's metrics.
+async fn open(
+    upstream: &Upstream,
+    server: &Server,
+    connect_timeout: Duration,
+) -> Result<UpstreamConn, UpstreamErrorKind> {
+    match upstream::connect(server.address, connect_timeout).await {
+        Ok(stream) => {
+            upstream
+                .metrics
+                .connections_opened
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(UpstreamConn {
+                stream,
+                reused: false,
+            })
+        }
+        Err(kind) => {
+            upstream.metrics.error(kind);
+            tracing::debug!(server = %server.address, error = kind.as_str(), "connect failed");
+            Err(kind)
+        }
+    }
 }
 
 /// Sends the request on `conn` and reads the final response head.

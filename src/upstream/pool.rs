@@ -101,14 +101,6 @@ impl Pool {
             drop(expired);
         }
     }
-
-    /// Idle connections held for `key`, for tests and the admin API.
-    pub fn idle_count(&self, key: &str) -> usize {
-        let servers = self.servers.read().unwrap_or_else(PoisonError::into_inner);
-        servers.get(key).map_or(0, |s| {
-            s.idle.lock().unwrap_or_else(PoisonError::into_inner).len()
-        })
-    }
 }
 
 /// True when nothing is waiting on the socket: no FIN, no RST, no stray bytes. A non-blocking

@@ -252,3 +252,42 @@ upstream = "app"
     assert_eq!(nowhere["status"], 404);
     assert!(nowhere["upstream"].is_null(), "{nowhere}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_are_access_logged() {
+    // A request refused before it was parsed (here a smuggling shape) still leaves a line, as
+    // nginx logs its 400s: it is what an operator looks for when a client misbehaves.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log_path = dir.path().join("access.log");
+    let toml = format!(
+        r#"[log]
+access = "{log}"
+format = "json"
+
+[[listener]]
+name = "web"
+listen = "127.0.0.1:0"
+
+[[route]]
+path = "/"
+respond = {{ status = 200 }}
+"#,
+        log = log_path.display(),
+    );
+    let proxy = Proxy::start_toml(&toml).await;
+    let exchange = crate::support::raw::send(
+        proxy.addr(),
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .await;
+    assert_eq!(exchange.status(), Some(400), "{}", exchange.text());
+    let line = poll_until(Duration::from_secs(5), || async {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        text.lines().next().map(str::to_owned)
+    })
+    .await
+    .expect("no access log line for the refused request");
+    let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
+    assert_eq!(entry["status"], 400, "{line}");
+    assert!(entry["upstream"].is_null(), "{line}");
+}

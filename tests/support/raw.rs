@@ -88,12 +88,9 @@ impl RawUpstream {
                 let mut pending = Vec::new();
                 let mut buf = vec![0u8; 16 * 1024];
                 loop {
-                    let n = match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    lock(&received).extend_from_slice(&buf[..n]);
-                    pending.extend_from_slice(&buf[..n]);
+                    if !read_recorded(&mut stream, &mut buf, &received, &mut pending).await {
+                        return;
+                    }
                     while let Some(end) = find(&pending, b"\r\n\r\n") {
                         let head: Vec<u8> = pending.drain(..end + 4).collect();
                         if head.starts_with(b"GET ")
@@ -119,12 +116,9 @@ impl RawUpstream {
                 let mut buf = vec![0u8; 16 * 1024];
                 let mut answered = false;
                 loop {
-                    let n = match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    lock(&received).extend_from_slice(&buf[..n]);
-                    pending.extend_from_slice(&buf[..n]);
+                    if !read_recorded(&mut stream, &mut buf, &received, &mut pending).await {
+                        return;
+                    }
                     let Some(end) = find(&pending, b"\r\n\r\n") else {
                         continue;
                     };
@@ -138,12 +132,8 @@ impl RawUpstream {
                         .and_then(|v| v.trim().parse().ok())
                         .unwrap_or(0);
                     while pending.len() < end + 4 + body_len {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => {
-                                lock(&received).extend_from_slice(&buf[..n]);
-                                pending.extend_from_slice(&buf[..n]);
-                            }
+                        if !read_recorded(&mut stream, &mut buf, &received, &mut pending).await {
+                            return;
                         }
                     }
                     pending.drain(..end + 4 + body_len);
@@ -315,6 +305,24 @@ impl RawUpstream {
 impl Drop for RawUpstream {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Reads once, appending what came both to the shared receive log and to `pending`; false when
+/// the peer closed or the read failed.
+async fn read_recorded(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    received: &Mutex<Vec<u8>>,
+    pending: &mut Vec<u8>,
+) -> bool {
+    match stream.read(buf).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            lock(received).extend_from_slice(&buf[..n]);
+            pending.extend_from_slice(&buf[..n]);
+            true
+        }
     }
 }
 
