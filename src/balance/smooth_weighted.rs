@@ -63,6 +63,17 @@ impl SmoothWeighted {
         Some(self.cycle[ticket % self.cycle.len()] as usize)
     }
 
+    /// The next server index that `c` says is eligible. STUB: the helper rewrites this.
+    pub fn pick_eligible(&self, c: &dyn super::Candidates) -> Option<usize> {
+        for _ in 0..self.cycle.len().min(64) {
+            let i = self.pick()?;
+            if c.eligible(i) {
+                return Some(i);
+            }
+        }
+        (0..c.len()).find(|&i| c.eligible(i))
+    }
+
     /// Number of picks in one full cycle (the sum of the weights).
     pub fn cycle_len(&self) -> usize {
         self.cycle.len()

@@ -4,6 +4,7 @@
 //! hands it back to the pool when the exchange left it reusable.
 
 pub mod pool;
+pub mod state;
 
 use std::io;
 use std::net::SocketAddr;
