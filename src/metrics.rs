@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::upstream::state::ServerState;
+
 pub const REQUESTS_TOTAL: &str = "gatehouse_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "gatehouse_request_duration_seconds";
 pub const CLIENT_CONNECTIONS_ACTIVE: &str = "gatehouse_client_connections_active";
@@ -97,6 +99,15 @@ pub struct UpstreamMetrics {
     pub connections_opened: AtomicU64,
     pub connections_reused: AtomicU64,
     pub errors: [AtomicU64; 7],
+    /// Tries after the first, on another server.
+    pub retries: AtomicU64,
+    /// Retries the budget refused.
+    pub retries_refused: AtomicU64,
+    /// Requests answered 503 because every server was at its `max_conns` and the queue was full
+    /// or the wait ran out.
+    pub saturated: AtomicU64,
+    /// Requests that waited in the queue for a server.
+    pub queued: AtomicU64,
 }
 
 impl UpstreamMetrics {
@@ -136,6 +147,9 @@ pub struct Metrics {
     // no second copy of each name; `render` sorts them.
     routes: Mutex<HashMap<Arc<str>, Arc<RouteMetrics>, foldhash::fast::RandomState>>,
     upstreams: Mutex<BTreeMap<String, Arc<UpstreamMetrics>>>,
+    /// Each server's live state by its stable key (`upstream/address`): not a metric itself, but
+    /// kept here for the same reason as the counters, so that it survives a rebuilt server list.
+    servers: Mutex<HashMap<Arc<str>, Arc<ServerState>, foldhash::fast::RandomState>>,
     request_duration: DurationHistogram,
     client_connections_active: AtomicI64,
     client_connections_total: AtomicU64,
@@ -176,6 +190,12 @@ impl Metrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         Arc::clone(upstreams.entry(name.to_owned()).or_default())
+    }
+
+    /// The live state of the server with this key, the same `Arc` for the same key.
+    pub fn server_state(&self, key: &Arc<str>) -> Arc<ServerState> {
+        let mut servers = self.servers.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(servers.entry(Arc::clone(key)).or_default())
     }
 
     pub fn observe_request(&self, duration: Duration) {

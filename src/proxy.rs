@@ -16,6 +16,7 @@
 
 mod error;
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
@@ -25,8 +26,9 @@ pub use error::ProxyError;
 
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
+use crate::balance::{stable_hash, Algorithm, HashKey};
 use crate::config::snapshot::{
-    FixedResponse, Route, RouteAction, Server, Snapshot, Upstream, UpstreamTimeouts,
+    FixedResponse, Route, RouteAction, Server, Snapshot, Targets, Upstream, UpstreamTimeouts,
 };
 use crate::conn::Client;
 use crate::deadline;
@@ -36,6 +38,8 @@ use crate::http1::response::{self, ResponseHead};
 use crate::http1::write::{self, Forwarded, Persistence};
 use crate::http1::{Framing, Version};
 use crate::metrics::UpstreamErrorKind;
+use crate::upstream::select::{self, NoServer, Tried};
+use crate::upstream::state::{now_ms, now_ns, UpstreamFailure};
 use crate::upstream::{self, UpstreamConn};
 
 /// What `handle` tells the connection loop.
@@ -185,56 +189,160 @@ async fn forward(
         _ => {}
     }
     let timeouts = route.upstream_timeouts.unwrap_or(upstream.timeouts);
-    let started = Instant::now();
-    let (server_idx, mut conn) = acquire(upstream, shared, timeouts.connect).await?;
-    let server = &upstream.servers[server_idx];
-    ex.upstream = Some(server.address);
+    // One list for every try of this request, even if DNS swaps in a new one meanwhile: the
+    // indices in `tried` refer to it.
+    let targets = upstream.targets.load_full();
+    let pick = pick_request(upstream, head, client);
+    let replay = buffer_body(client, head, route, ex).await?;
+    // Whether the request may be sent again after it was sent once: the route says so, or it is
+    // idempotent and has no body that was streamed away.
+    let repeatable = if head.has_body() {
+        replay.is_some()
+    } else {
+        route.retry_with_body || head.method.is_idempotent()
+    };
+    let retry = &upstream.retry;
+    upstream.live.budget.deposit(retry.budget_ratio);
 
     let peer_ip = std::sync::Arc::clone(&client.peer_ip);
     let fwd = Forwarded {
         client_ip: &peer_ip,
         proto: b"http",
     };
-    write::request_head(&mut client.out, head, fwd, head.framing);
-    if head.expect_continue && head.has_body() {
-        // We asked the upstream nothing about it (Expect is hop-by-hop here): the route accepted
-        // the request, so invite the body now, as nginx does.
-        client
-            .stream
-            .write_all(write::CONTINUE_100)
-            .await
-            .map_err(|_| ProxyError::ClientGone)?;
-    }
-
-    let retryable = head.method.is_idempotent() && !head.has_body();
+    let header_timeout = retry.per_try_timeout.unwrap_or(timeouts.response_header);
     let mut up_buf = std::mem::take(&mut client.up_buf);
-    let first = round_trip(client, head, route, &mut conn, &mut up_buf, &timeouts, ex).await;
-    let response = match first {
-        Ok(r) => r,
-        Err(ProxyError::Upstream(
-            kind @ (UpstreamErrorKind::ClosedEarly | UpstreamErrorKind::Reset),
-        )) if conn.reused && retryable && up_buf.is_empty() => {
-            // A pooled connection the server closed as we used it, before a byte of response:
-            // the request is safe to send again, once, on a connection we open now. A timeout
-            // or a partial response is not retried: the server may be working on it.
-            upstream.metrics.error(kind);
-            up_buf.clear();
-            conn = open(upstream, server, timeouts.connect)
+    let mut tried = Tried::default();
+    let mut tries = 0u32;
+    let mut fresh_retry_done = false;
+    let started = Instant::now();
+    let (server, mut conn, _in_flight, response) = loop {
+        tries += 1;
+        let (idx, conn) = acquire(upstream, &targets, pick, &mut tried, shared, &timeouts).await?;
+        let server = &targets.servers[idx];
+        let in_flight = server.begin(&upstream.live);
+        ex.upstream = Some(server.address);
+        let mut conn = conn;
+        if tries == 1 && replay.is_none() && head.expect_continue && head.has_body() {
+            // We asked the upstream nothing about it (Expect is hop-by-hop here): the route
+            // accepted the request, so invite the body now, as nginx does.
+            client
+                .stream
+                .write_all(write::CONTINUE_100)
                 .await
-                .map_err(ProxyError::Upstream)?;
+                .map_err(|_| ProxyError::ClientGone)?;
+        }
+        let try_started = Instant::now();
+        let mut outcome = Err(ProxyError::NoServers);
+        // At most twice on this server: the second time on a fresh connection, when the pooled
+        // one turned out to be closed by the server as we used it.
+        for _ in 0..2 {
             write::request_head(&mut client.out, head, fwd, head.framing);
-            round_trip(client, head, route, &mut conn, &mut up_buf, &timeouts, ex)
-                .await
-                .inspect_err(|e| count_upstream_error(upstream, e))?
+            outcome = round_trip(
+                client,
+                head,
+                route,
+                &mut conn,
+                &mut up_buf,
+                replay.as_ref(),
+                timeouts.write,
+                header_timeout,
+                ex,
+            )
+            .await;
+            let stale = matches!(
+                outcome,
+                Err(ProxyError::Upstream(
+                    UpstreamErrorKind::ClosedEarly | UpstreamErrorKind::Reset
+                ))
+            ) && conn.reused
+                && up_buf.is_empty();
+            if !(stale && repeatable && !fresh_retry_done) {
+                break;
+            }
+            // Not the server's fault: a keep-alive race. It gets one fresh connection; a
+            // timeout or a partial response is not retried this way, the server may be
+            // working on it.
+            fresh_retry_done = true;
+            if let Err(ProxyError::Upstream(kind)) = outcome {
+                upstream.metrics.error(kind);
+            }
+            up_buf.clear();
+            match open(upstream, server, timeouts.connect).await {
+                Ok(c) => conn = c,
+                Err(kind) => {
+                    outcome = Err(ProxyError::Upstream(kind));
+                    break;
+                }
+            }
         }
-        Err(e) => {
-            count_upstream_error(upstream, &e);
-            return Err(e);
+        let kind = match outcome {
+            Ok(response) => {
+                let rtt = try_started.elapsed();
+                if response.status >= 500 && upstream.outlier.count_5xx {
+                    server_failed(
+                        upstream,
+                        &targets,
+                        server,
+                        UpstreamFailure::Status(response.status),
+                        rtt,
+                    );
+                } else {
+                    server.state.record_success(rtt, now_ms(), now_ns());
+                }
+                break (server, conn, in_flight, response);
+            }
+            Err(ProxyError::Upstream(kind)) => kind,
+            Err(other) => return Err(other),
+        };
+        upstream.metrics.error(kind);
+        server_failed(
+            upstream,
+            &targets,
+            server,
+            UpstreamFailure::Io(kind),
+            try_started.elapsed(),
+        );
+        // Retry only what cannot have been acted on twice: nothing of a response came, and the
+        // request is safe to repeat. A timeout is retried only when a per-try timeout says the
+        // server had its chance; without one the request has used its whole time.
+        let died_before_answering = matches!(
+            kind,
+            UpstreamErrorKind::ClosedEarly | UpstreamErrorKind::Reset
+        ) && up_buf.is_empty();
+        let timed_out = kind == UpstreamErrorKind::Timeout && retry.per_try_timeout.is_some();
+        if !(repeatable && (died_before_answering || timed_out)) || tries >= retry.attempts {
+            return Err(ProxyError::Upstream(kind));
         }
+        tried.add(server_index(&targets, server));
+        if select::select(upstream, &targets, pick, tried) == Err(NoServer::None) {
+            // No other server to try: the client hears what went wrong with this one.
+            return Err(ProxyError::Upstream(kind));
+        }
+        if !upstream
+            .live
+            .budget
+            .withdraw(retry.budget_min_per_second, now_ms())
+        {
+            upstream.metrics.retries_refused.fetch_add(1, Relaxed);
+            return Err(ProxyError::Upstream(kind));
+        }
+        upstream.metrics.retries.fetch_add(1, Relaxed);
+        up_buf.clear();
+        tracing::debug!(server = %server.address, error = kind.as_str(), "retrying on another server");
     };
 
     let (framing, persistence) = plan_response(head, response.framing, shared, ex);
     write::response_head(&mut client.out, &response, framing, persistence);
+    if let Some(cookie) = &upstream.balance.sticky_cookie {
+        if pick.sticky != Some(server.sticky_id) {
+            let value = server.sticky_value();
+            write::append_field(
+                &mut client.out,
+                b"Set-Cookie",
+                &[cookie.as_bytes(), b"=", &value, b"; Path=/; HttpOnly"],
+            );
+        }
+    }
     ex.status = response.status;
     ex.response_started = true;
     ex.close_announced = persistence == Persistence::Close;
@@ -283,35 +391,213 @@ async fn forward(
     Ok(())
 }
 
+/// What the request brings to the choice of server: its consistent-hash key, its sticky cookie.
+fn pick_request(upstream: &Upstream, head: &RequestHead, client: &Client) -> select::Request {
+    let hash = match &upstream.balance.algorithm {
+        Algorithm::ConsistentHash(key) => match key {
+            HashKey::ClientIp => Some(match client.peer.ip() {
+                std::net::IpAddr::V4(ip) => stable_hash(&ip.octets()),
+                std::net::IpAddr::V6(ip) => stable_hash(&ip.octets()),
+            }),
+            HashKey::Path => Some(stable_hash(head.bytes(head.path))),
+            HashKey::Header(name) => head.field(name).map(stable_hash),
+            HashKey::Cookie(name) => head.cookie(name).map(stable_hash),
+        },
+        _ => None,
+    };
+    let sticky = upstream
+        .balance
+        .sticky_cookie
+        .as_deref()
+        .and_then(|name| head.cookie(name))
+        .and_then(|value| std::str::from_utf8(value).ok())
+        .filter(|value| value.len() == 16)
+        .and_then(|value| u64::from_str_radix(value, 16).ok());
+    select::Request { hash, sticky }
+}
+
+/// Bodies up to this size are held in memory on a `retry_with_body` route, so that a retry can
+/// send them again; larger ones are streamed and never retried once sent.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// On a `retry_with_body` route, reads a body of known, modest length whole before the first
+/// try and takes it out of the client's buffer.
+async fn buffer_body(
+    client: &mut Client,
+    head: &RequestHead,
+    route: &Route,
+    ex: &mut Exchange,
+) -> Result<Option<bytes::Bytes>, ProxyError> {
+    let Framing::Length(n) = head.framing else {
+        return Ok(None);
+    };
+    if !route.retry_with_body || n == 0 || n > REPLAY_LIMIT {
+        return Ok(None);
+    }
+    let n = n as usize;
+    if head.expect_continue {
+        client
+            .stream
+            .write_all(write::CONTINUE_100)
+            .await
+            .map_err(|_| ProxyError::ClientGone)?;
+    }
+    client.buf.reserve(n.saturating_sub(client.buf.len()));
+    while client.buf.len() < n {
+        match deadline::limit(route.client_body_timeout, client.stream.read_buf(&mut client.buf))
+            .await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(ProxyError::ClientGone),
+            Ok(Ok(_)) => {}
+            Err(_) => return Err(ProxyError::ClientTimeout),
+        }
+    }
+    ex.request_done = true;
+    Ok(Some(client.buf.split_to(n).freeze()))
+}
+
+fn server_index(targets: &Targets, server: &Server) -> usize {
+    targets
+        .servers
+        .iter()
+        .position(|s| std::ptr::eq(s, server))
+        .unwrap_or(usize::MAX)
+}
+
+/// Counts a failure against `server` for passive health, ejecting it when that is due.
+fn server_failed(
+    upstream: &Upstream,
+    targets: &Targets,
+    server: &Server,
+    what: UpstreamFailure,
+    took: Duration,
+) {
+    // What a failure costs in the latency estimate: at least a second, so that a server that
+    // fails fast does not look like the fastest one.
+    let penalty = took.max(Duration::from_secs(1));
+    let ejected = server
+        .state
+        .record_failure(what, penalty, &upstream.outlier, || {
+            select::may_eject(upstream, targets, &server.state)
+        });
+    if ejected {
+        let left = server.state.ejected_for(now_ms()).unwrap_or(0);
+        tracing::warn!(
+            upstream = %upstream.name,
+            server = %server.address,
+            reason = what.as_str(),
+            "server ejected for {left} ms after {} consecutive failures",
+            upstream.outlier.consecutive_failures
+        );
+    }
+}
+
 /// Picks a server and gets a connection to it: a pooled one, or a new one. A failed connect is
-/// always safe to try elsewhere, so it moves on to the next pick, a bounded number of times.
+/// always safe to try elsewhere (nothing was sent), so it moves on to another server, without
+/// counting as a retry; when every server is at its `max_conns`, the request waits in the
+/// upstream's queue, if it has one.
 async fn acquire(
     upstream: &Upstream,
+    targets: &Targets,
+    pick: select::Request,
+    tried: &mut Tried,
     shared: &Shared,
-    connect_timeout: Duration,
+    timeouts: &UpstreamTimeouts,
 ) -> Result<(usize, UpstreamConn), ProxyError> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let attempts = upstream.servers.len().clamp(1, 3);
+    let most = targets.servers.len().clamp(1, MAX_CONNECT_TRIES);
     let mut last = ProxyError::NoServers;
-    for _ in 0..attempts {
-        let idx = upstream.balancer.pick().ok_or(ProxyError::NoServers)?;
-        let server = &upstream.servers[idx];
+    let mut failed = 0;
+    let mut queued_until = None;
+    while failed < most {
+        let idx = match select::select(upstream, targets, pick, *tried) {
+            Ok(idx) => idx,
+            Err(NoServer::None) => break,
+            Err(NoServer::Saturated) => {
+                wait_for_server(upstream, targets, pick, *tried, &mut queued_until).await?;
+                continue;
+            }
+        };
+        let server = &targets.servers[idx];
         if let Some(stream) = shared.pool.checkout(server) {
             upstream.metrics.connections_reused.fetch_add(1, Relaxed);
-            return Ok((
-                idx,
-                UpstreamConn {
-                    stream,
-                    reused: true,
-                },
-            ));
+            let conn = UpstreamConn {
+                stream,
+                reused: true,
+            };
+            return Ok((idx, conn));
         }
-        match open(upstream, server, connect_timeout).await {
+        match open(upstream, server, timeouts.connect).await {
             Ok(conn) => return Ok((idx, conn)),
-            Err(kind) => last = ProxyError::Upstream(kind),
+            Err(kind) => {
+                server_failed(upstream, targets, server, UpstreamFailure::Io(kind), Duration::ZERO);
+                tried.add(idx);
+                failed += 1;
+                last = ProxyError::Upstream(kind);
+            }
         }
     }
     Err(last)
+}
+
+/// A request tries at most this many servers that refuse or time out its connect.
+const MAX_CONNECT_TRIES: usize = 8;
+
+/// Waits in the upstream's queue until a server is under its cap again, or answers 503.
+async fn wait_for_server(
+    upstream: &Upstream,
+    targets: &Targets,
+    pick: select::Request,
+    tried: Tried,
+    queued_until: &mut Option<tokio::time::Instant>,
+) -> Result<(), ProxyError> {
+    let live = &upstream.live;
+    let queue = upstream.queue;
+    let deadline = match *queued_until {
+        Some(d) => d,
+        None => {
+            let prior = live.pending.load(Relaxed);
+            if prior >= queue.max_pending {
+                upstream.metrics.saturated.fetch_add(1, Relaxed);
+                return Err(ProxyError::Saturated);
+            }
+            upstream.metrics.queued.fetch_add(1, Relaxed);
+            let d = tokio::time::Instant::now() + queue.timeout;
+            *queued_until = Some(d);
+            d
+        }
+    };
+    let _waiting = Waiting::join(&live.pending);
+    let notified = live.released.notified();
+    tokio::pin!(notified);
+    // Registered before looking again, so a release between the two is not missed.
+    notified.as_mut().enable();
+    if !matches!(
+        select::select(upstream, targets, pick, tried),
+        Err(NoServer::Saturated)
+    ) {
+        return Ok(());
+    }
+    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+        upstream.metrics.saturated.fetch_add(1, Relaxed);
+        return Err(ProxyError::Saturated);
+    }
+    Ok(())
+}
+
+/// One request counted in an upstream's queue while it lives, however the wait ends.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl<'a> Waiting<'a> {
+    fn join(pending: &'a std::sync::atomic::AtomicU32) -> Waiting<'a> {
+        pending.fetch_add(1, Relaxed);
+        Waiting(pending)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Opens a new connection to `server`, counting it (or its failure) in the upstream's metrics.
@@ -322,10 +608,7 @@ async fn open(
 ) -> Result<UpstreamConn, UpstreamErrorKind> {
     match upstream::connect(server.address, connect_timeout).await {
         Ok(stream) => {
-            upstream
-                .metrics
-                .connections_opened
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            upstream.metrics.connections_opened.fetch_add(1, Relaxed);
             Ok(UpstreamConn {
                 stream,
                 reused: false,
@@ -340,17 +623,38 @@ async fn open(
 }
 
 /// Sends the request on `conn` and reads the final response head.
+#[allow(clippy::too_many_arguments, reason = "one call site; the pieces are all of one exchange")]
 async fn round_trip(
     client: &mut Client,
     head: &RequestHead,
     route: &Route,
     conn: &mut UpstreamConn,
     up_buf: &mut BytesMut,
-    timeouts: &UpstreamTimeouts,
+    replay: Option<&bytes::Bytes>,
+    write_timeout: Duration,
+    header_timeout: Duration,
     ex: &mut Exchange,
 ) -> Result<ResponseHead, ProxyError> {
-    send_request(client, head, route, conn, timeouts.write, ex).await?;
-    read_response_head(conn, up_buf, head, client, timeouts.response_header).await
+    match replay {
+        Some(body) => {
+            let mut bufs = [
+                std::io::IoSlice::new(&client.out),
+                std::io::IoSlice::new(body),
+            ];
+            match deadline::limit(
+                write_timeout,
+                body::write_all_vectored(&mut conn.stream, &mut bufs),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(ProxyError::Upstream(upstream::io_error_kind(&e))),
+                Err(_) => return Err(ProxyError::Upstream(UpstreamErrorKind::Timeout)),
+            }
+        }
+        None => send_request(client, head, route, conn, write_timeout, ex).await?,
+    }
+    read_response_head(conn, up_buf, head, client, header_timeout).await
 }
 
 /// Sends the head in `client.out` and the request body, if any.
@@ -452,12 +756,6 @@ async fn read_response_head(
     }
 }
 
-fn count_upstream_error(upstream: &Upstream, e: &ProxyError) {
-    if let ProxyError::Upstream(kind) = e {
-        upstream.metrics.error(*kind);
-    }
-}
-
 fn relay_error_kind(e: &RelayError) -> UpstreamErrorKind {
     match e {
         RelayError::ReadTimeout => UpstreamErrorKind::Timeout,
@@ -481,6 +779,10 @@ async fn send_error(client: &mut Client, head: &RequestHead, err: &ProxyError, e
         body.len(),
         persistence,
     );
+    if matches!(err, ProxyError::Saturated) {
+        // Every server is at its cap: ask well-behaved clients to come back shortly.
+        write::append_field(&mut client.out, b"Retry-After", &[b"1"]);
+    }
     ex.response_started = true;
     ex.close_announced = persistence == Persistence::Close;
     let body_bytes: &[u8] = if head.method == Method::Head {

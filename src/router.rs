@@ -183,6 +183,7 @@ mod tests {
             })),
             max_body_bytes: 0,
             client_body_timeout: Duration::from_secs(1),
+            retry_with_body: false,
             upstream_timeouts: None,
             access_log: true,
             metrics: Default::default(),

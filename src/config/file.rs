@@ -93,6 +93,63 @@ pub struct UpstreamSection {
     pub servers: Spanned<Vec<Spanned<ServerEntry>>>,
     pub keepalive: Option<Spanned<i64>>,
     pub timeouts: Option<UpstreamTimeoutsSection>,
+    /// `"round_robin"`, `"random"`, `"least_requests"`, `"peak_ewma"`, `"consistent_hash"`.
+    pub balance: Option<Spanned<String>>,
+    /// With `consistent_hash`: `"client_ip"`, `"path"`, `"header:NAME"`, `"cookie:NAME"`.
+    pub hash_key: Option<Spanned<String>>,
+    pub sticky_cookie: Option<Spanned<String>>,
+    pub slow_start: Option<Spanned<DurationValue>>,
+    /// Percent of primaries available below which health is ignored.
+    pub panic_threshold: Option<Spanned<i64>>,
+    /// Default `max_conns` of the upstream's servers.
+    pub max_conns: Option<Spanned<i64>>,
+    pub max_pending: Option<Spanned<i64>>,
+    pub queue_timeout: Option<Spanned<DurationValue>>,
+    pub health_check: Option<Spanned<HealthCheckSection>>,
+    pub outlier: Option<OutlierSection>,
+    pub retry: Option<RetrySection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSection {
+    /// `"http"` (the default) or `"tcp"`.
+    #[serde(rename = "type")]
+    pub kind: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    /// Statuses that pass: `200`, `"2xx"`, `"200-299"`.
+    pub expect: Option<Spanned<Vec<Spanned<StatusValue>>>>,
+    pub interval: Option<Spanned<DurationValue>>,
+    pub timeout: Option<Spanned<DurationValue>>,
+    pub rise: Option<Spanned<i64>>,
+    pub fall: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierSection {
+    pub consecutive_failures: Option<Spanned<i64>>,
+    pub count_5xx: Option<bool>,
+    pub base_ejection: Option<Spanned<DurationValue>>,
+    pub max_ejection: Option<Spanned<DurationValue>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySection {
+    pub attempts: Option<Spanned<i64>>,
+    pub per_try_timeout: Option<Spanned<DurationValue>>,
+    /// Percent of extra load retries may add.
+    pub budget: Option<Spanned<i64>>,
+    pub min_per_second: Option<Spanned<i64>>,
+}
+
+/// A status code (`200`) or a class or range of them (`"2xx"`, `"200-299"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusValue {
+    Code(i64),
+    Text(String),
 }
 
 /// A server is either `"IP:port"` or `{ address = "IP:port", weight = 3 }`.
@@ -108,6 +165,9 @@ pub enum ServerEntry {
 pub struct ServerTable {
     pub address: Spanned<String>,
     pub weight: Option<Spanned<i64>>,
+    pub backup: Option<bool>,
+    pub drain: Option<bool>,
+    pub max_conns: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -131,6 +191,8 @@ pub struct RouteSection {
     pub max_body_bytes: Option<Spanned<SizeValue>>,
     pub timeouts: Option<RouteTimeoutsSection>,
     pub access_log: Option<bool>,
+    /// Lets a request whose body was already sent be tried again on another server.
+    pub retry_with_body: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +294,28 @@ impl<'de> Deserialize<'de> for SizeValue {
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<SizeValue, E> {
                 Ok(SizeValue::Text(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = StatusValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a status such as 200, "2xx" or "200-299""#)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<StatusValue, E> {
+                Ok(StatusValue::Code(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<StatusValue, E> {
+                Ok(StatusValue::Code(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StatusValue, E> {
+                Ok(StatusValue::Text(v.to_owned()))
             }
         }
         d.deserialize_any(V)

@@ -15,9 +15,9 @@ use toml::de::{DeTable, DeValue};
 
 use super::error::Problem;
 use super::file::{
-    AdminSection, FileConfig, GlobalTimeouts, LimitsSection, ListenerSection, LogSection,
-    RespondSection, RouteSection, RouteTimeoutsSection, ServerTable, UpstreamSection,
-    UpstreamTimeoutsSection,
+    AdminSection, FileConfig, GlobalTimeouts, HealthCheckSection, LimitsSection, ListenerSection,
+    LogSection, OutlierSection, RespondSection, RetrySection, RouteSection, RouteTimeoutsSection,
+    ServerTable, UpstreamSection, UpstreamTimeoutsSection,
 };
 
 /// The shape of one value in the file, as far as key checking needs it.
@@ -53,6 +53,9 @@ pub(crate) static ROOT: Node = Node::Struct {
                 children: &[
                     ("servers", Node::Array(&leaf(fields_of::<ServerTable>))),
                     ("timeouts", leaf(fields_of::<UpstreamTimeoutsSection>)),
+                    ("health_check", leaf(fields_of::<HealthCheckSection>)),
+                    ("outlier", leaf(fields_of::<OutlierSection>)),
+                    ("retry", leaf(fields_of::<RetrySection>)),
                 ],
             }),
         ),

@@ -6,13 +6,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::balance::SmoothWeighted;
+use arc_swap::ArcSwap;
+
+use crate::balance::Algorithm;
 use crate::metrics::{RouteMetrics, UpstreamMetrics};
 use crate::router::Router;
-use crate::upstream::pool::ServerIdle;
+pub use crate::upstream::state::OutlierSettings;
+pub use crate::upstream::targets::{Server, Targets, UpstreamLive};
 
 /// Everything one request needs, swapped atomically on reload (`ArcSwap<Snapshot>`).
 #[derive(Debug)]
@@ -97,24 +100,123 @@ pub struct UpstreamId(pub usize);
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
-    pub servers: Vec<Server>,
-    pub balancer: SmoothWeighted,
+    /// The servers as configured; names among them are resolved by `upstream::resolve`.
+    pub specs: Vec<ServerSpec>,
+    /// The servers requests go to now, with the balancers built for them. Swapped whole when DNS
+    /// re-resolution changes the addresses; a request loads it once.
+    pub targets: ArcSwap<Targets>,
+    pub balance: BalanceSettings,
+    pub health_check: Option<HealthCheckSettings>,
+    pub outlier: OutlierSettings,
+    pub retry: RetrySettings,
+    pub queue: QueueSettings,
     pub timeouts: UpstreamTimeouts,
     /// Idle connections kept per server (nginx's `keepalive`).
     pub max_idle_per_server: usize,
     /// Shared with the metrics registry, so counts survive a reload of the same upstream name.
     pub metrics: Arc<UpstreamMetrics>,
+    /// What requests to this upstream share while they run: the wait queue, the retry budget.
+    pub live: UpstreamLive,
 }
 
-#[derive(Debug, Clone)]
-pub struct Server {
-    pub address: SocketAddr,
+impl Upstream {
+    /// Whether any server is given by name, so that a resolver task must keep it current.
+    pub fn needs_resolver(&self) -> bool {
+        self.specs
+            .iter()
+            .any(|s| matches!(s.host, ServerHost::Name { .. }))
+    }
+}
+
+/// One entry of `servers`, before name resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSpec {
+    pub host: ServerHost,
     pub weight: u32,
-    /// Stable across reloads (upstream name + address), so the pool keeps idle connections warm.
-    pub key: Arc<str>,
-    /// This server's idle connections, looked up by `key` on first use and then held here, so
-    /// a request reaches them without a map lookup. Empty in a freshly compiled snapshot.
-    pub idle: OnceLock<Arc<ServerIdle>>,
+    /// Used only when no primary server is available.
+    pub backup: bool,
+    /// Takes no new requests (sticky sessions aside); finishes what it has.
+    pub drain: bool,
+    /// Most requests in flight to this server at once; 0: no limit.
+    pub max_conns: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Hash)]
+pub enum ServerHost {
+    Addr(SocketAddr),
+    /// A DNS name, resolved at start and again when its records' TTL runs out.
+    Name { host: String, port: u16 },
+}
+
+/// How an upstream spreads requests over its servers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalanceSettings {
+    pub algorithm: Algorithm,
+    /// Sticky sessions: the cookie that pins a client to the server that first answered it.
+    pub sticky_cookie: Option<Box<str>>,
+    /// How long a recovered server takes to get its full weight back; zero: at once.
+    pub slow_start: Duration,
+    /// Below this share (0.0-1.0) of primaries available, health is ignored and every primary
+    /// takes requests (Envoy's panic threshold). 0: only when none is left.
+    pub panic_threshold: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckSettings {
+    pub kind: HealthCheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down server back.
+    pub rise: u32,
+    /// Consecutive failures that take a server down.
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    /// A TCP connect that succeeds within the timeout.
+    Tcp,
+    /// `GET path` with `Host: host`; healthy when the status is in `expect`.
+    Http {
+        path: String,
+        /// `None`: the server's address.
+        host: Option<String>,
+        expect: StatusSet,
+    },
+}
+
+/// A set of status codes given as inclusive ranges, such as 200-399.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusSet(pub Vec<(u16, u16)>);
+
+impl StatusSet {
+    pub fn contains(&self, status: u16) -> bool {
+        self.0.iter().any(|&(lo, hi)| (lo..=hi).contains(&status))
+    }
+}
+
+/// When a failed try is tried again on another server.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetrySettings {
+    /// Most tries per request, the first included.
+    pub attempts: u32,
+    /// Longest wait for a response head on one try; on expiry an idempotent request moves on to
+    /// another server. `None`: the `response_header` timeout applies, and a timeout is final.
+    pub per_try_timeout: Option<Duration>,
+    /// Retries may add at most this share (0.0-1.0) of extra load...
+    pub budget_ratio: f64,
+    /// ...but this many retries per second are always allowed, so a quiet upstream can retry.
+    pub budget_min_per_second: u32,
+}
+
+/// What happens when every server is at its `max_conns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSettings {
+    /// Requests that may wait for a free server; over it: 503 at once.
+    pub max_pending: u32,
+    /// How long one may wait; then: 503.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +247,9 @@ pub struct Route {
     /// Resolved from the route's upstream, with the route's own overrides applied.
     pub upstream_timeouts: Option<UpstreamTimeouts>,
     pub access_log: bool,
+    /// A request whose body was already sent may be tried again on another server (the route's
+    /// owner says that is safe); its body is then held in memory until the response comes.
+    pub retry_with_body: bool,
     /// Shared with the metrics registry, so counts survive a reload of the same route name.
     pub metrics: Arc<RouteMetrics>,
 }

@@ -110,10 +110,14 @@ respond = { status = 200, body = "hello\n", content_type = "text/plain; charset=
 
     let app = s.upstream(UpstreamId(0));
     assert_eq!(app.name, "app");
-    assert_eq!(app.servers.len(), 2);
-    assert_eq!(app.servers[1].weight, 3);
-    assert_eq!(&*app.servers[1].key, "app/127.0.0.1:9001");
-    assert_eq!(app.balancer.cycle_len(), 4);
+    let targets = app.targets.load();
+    assert_eq!(targets.servers.len(), 2);
+    assert_eq!(targets.servers[1].weight, 3);
+    assert_eq!(&*targets.servers[1].key, "app/127.0.0.1:9001");
+    match &targets.primary {
+        crate::balance::Balancer::RoundRobin(rr) => assert_eq!(rr.cycle_len(), 4),
+        other => panic!("default balance is round-robin, got {other:?}"),
+    }
     assert_eq!(app.max_idle_per_server, 32);
     assert_eq!(app.timeouts.connect, Duration::from_secs(2));
 
@@ -167,7 +171,7 @@ fn defaults_fill_every_omitted_key() {
     assert_eq!(s.timeouts.shutdown_grace, Duration::from_secs(30));
 
     let app = s.upstream(UpstreamId(0));
-    assert_eq!(app.servers[0].weight, 1);
+    assert_eq!(app.targets.load().servers[0].weight, 1);
     assert_eq!(app.max_idle_per_server, 128);
     assert_eq!(app.timeouts.connect, Duration::from_secs(5));
     assert_eq!(app.timeouts.response_header, Duration::from_secs(60));
@@ -389,9 +393,9 @@ fn listener_checks() {
 #[test]
 fn server_checks() {
     assert_one_error(
-        &format!("{LISTENER}[upstream.a]\nservers = [\"backend:80\"]\n"),
+        &format!("{LISTENER}[upstream.a]\nservers = [\"backend\"]\n"),
         "5:12",
-        "DNS names are not supported yet",
+        "expected IP:port or name:port",
     );
     assert_one_error(
         &format!("{LISTENER}[upstream.a]\nservers = [{{ address = \"10.0.0.1\" }}]\n"),
@@ -505,7 +509,7 @@ fn duration_size_and_range_checks() {
 fn every_semantic_error_is_reported_in_file_order() {
     let text = "workers = 0\n\
                 [timeouts]\nconnect = \"soon\"\n\
-                [upstream.app]\nservers = [\"backend:80\", { address = \"10.0.0.1:1\", weight = 0 }]\n\
+                [upstream.app]\nservers = [\"backend\", { address = \"10.0.0.1:1\", weight = 0 }]\n\
                 [[route]]\npath = \"x\"\nupstream = \"ghost\"\n";
     let errors = errors(text);
     let positions: Vec<&str> = errors
@@ -514,7 +518,7 @@ fn every_semantic_error_is_reported_in_file_order() {
         .collect();
     assert_eq!(
         positions,
-        ["1:1", "1:11", "3:11", "5:12", "5:61", "7:8", "8:12"],
+        ["1:1", "1:11", "3:11", "5:12", "5:58", "7:8", "8:12"],
         "{errors:#?}"
     );
     assert!(errors[0].contains("no [[listener]]"));
@@ -530,7 +534,7 @@ fn schema_errors_have_positions() {
         [
             "4:1: route \"route1\" needs `upstream = \"<name>\"` or `respond = { status = 200 }`",
             "6:1: unknown field `respnd`, expected one of `name`, `host`, `path`, `upstream`, \
-             `respond`, `max_body_bytes`, `timeouts`, `access_log`",
+             `respond`, `max_body_bytes`, `timeouts`, `access_log`, `retry_with_body`",
         ]
     );
     assert_one_error(
@@ -569,7 +573,9 @@ fn every_unknown_key_is_reported_with_the_other_problems() {
         errors(&text),
         [
             "4:1: unknown field `colour`, expected one of `name`, `listen`, `max_connections`",
-            "7:1: unknown field `flavour`, expected one of `servers`, `keepalive`, `timeouts`",
+            "7:1: unknown field `flavour`, expected one of `servers`, `keepalive`, `timeouts`, \
+             `balance`, `hash_key`, `sticky_cookie`, `slow_start`, `panic_threshold`, \
+             `max_conns`, `max_pending`, `queue_timeout`, `health_check`, `outlier`, `retry`",
             "10:12: unknown upstream \"nope\" (defined: app)",
         ]
     );

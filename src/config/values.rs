@@ -7,8 +7,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::file::{DurationValue, SizeValue};
-use super::snapshot::HostMatch;
+use super::file::{DurationValue, SizeValue, StatusValue};
+use crate::balance::HashKey;
+use super::snapshot::{HostMatch, ServerHost};
 
 const DURATION_FORMAT: &str =
     r#"expected a duration such as "500ms", "10s", "5m", "1h", or an integer number of seconds"#;
@@ -161,30 +162,122 @@ pub fn listen_addr(value: &str) -> Result<SocketAddr, String> {
 }
 
 /// An upstream server's address: `IP:port` with a real port.
-pub fn server_addr(value: &str) -> Result<SocketAddr, String> {
-    match value.parse::<SocketAddr>() {
-        Ok(addr) if addr.port() == 0 => Err(format!(
+pub fn server_addr(value: &str) -> Result<ServerHost, String> {
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!(
+                "server address {value:?} has port 0: give the port the server listens on"
+            ));
+        }
+        return Ok(ServerHost::Addr(addr));
+    }
+    let bad = || {
+        format!(
+            "bad server address {value:?}: expected IP:port or name:port, such as \"127.0.0.1:9000\", \"[::1]:9000\" or \"app.internal:9000\""
+        )
+    };
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    // A name has a letter somewhere; "1.2.3:80" is a mistyped address, not a name.
+    let is_name = host.bytes().any(|b| b.is_ascii_alphabetic())
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !is_name {
+        return Err(bad());
+    }
+    match port.parse::<u16>() {
+        Ok(0) => Err(format!(
             "server address {value:?} has port 0: give the port the server listens on"
         )),
-        Ok(addr) => Ok(addr),
-        Err(_) => {
-            let host = value.rsplit_once(':').map_or(value, |(host, _)| host);
-            let is_name = !host.is_empty()
-                && host.bytes().any(|b| b.is_ascii_alphabetic())
-                && host
+        Ok(port) => Ok(ServerHost::Name {
+            host: host.to_ascii_lowercase(),
+            port,
+        }),
+        Err(_) => Err(bad()),
+    }
+}
+
+/// A cookie name is an RFC 6265 token: visible ASCII without separators.
+pub fn cookie_name(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad cookie name {value:?}: use letters, digits and !#$%&'*+-.^_`|~ only"
+        ))
+    }
+}
+
+/// `"client_ip"`, `"path"`, `"header:NAME"` or `"cookie:NAME"`.
+pub fn hash_key(value: &str) -> Result<HashKey, String> {
+    let bad = || {
+        format!(
+            "bad hash_key {value:?}: expected \"client_ip\", \"path\", \"header:NAME\" or \"cookie:NAME\""
+        )
+    };
+    match value.split_once(':') {
+        None if value == "client_ip" => Ok(HashKey::ClientIp),
+        None if value == "path" => Ok(HashKey::Path),
+        None => Err(bad()),
+        Some(("header", name)) => {
+            let token = !name.is_empty()
+                && name
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-            if is_name {
-                Err(format!(
-                    "server address {value:?}: DNS names are not supported yet; use IP:port, such as \"127.0.0.1:9000\""
-                ))
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if token {
+                Ok(HashKey::Header(name.to_ascii_lowercase().into()))
             } else {
-                Err(format!(
-                    "bad server address {value:?}: expected IP:port, such as \"127.0.0.1:9000\" or \"[::1]:9000\""
-                ))
+                Err(format!("bad header name {name:?} in hash_key"))
             }
         }
+        Some(("cookie", name)) => {
+            cookie_name(name)?;
+            Ok(HashKey::Cookie(name.into()))
+        }
+        Some(_) => Err(bad()),
     }
+}
+
+/// `200`, `"2xx"` or `"200-299"` as an inclusive range of status codes.
+pub fn status_range(value: &StatusValue) -> Result<(u16, u16), String> {
+    let code = |n: i64| {
+        u16::try_from(n)
+            .ok()
+            .filter(|c| (100..=599).contains(c))
+            .ok_or_else(|| format!("status {n} is not between 100 and 599"))
+    };
+    let text = match value {
+        StatusValue::Code(n) => return code(*n).map(|c| (c, c)),
+        StatusValue::Text(t) => t,
+    };
+    let bad = || format!("bad status {text:?}: expected 200, \"2xx\" or \"200-299\"");
+    if let Some(class) = text.strip_suffix("xx") {
+        let class: i64 = class.parse().map_err(|_| bad())?;
+        if !(1..=5).contains(&class) {
+            return Err(bad());
+        }
+        let lo = u16::try_from(class * 100).map_err(|_| bad())?;
+        return Ok((lo, lo + 99));
+    }
+    let (lo, hi) = match text.split_once('-') {
+        Some((lo, hi)) => (lo, hi),
+        None => (text.as_str(), text.as_str()),
+    };
+    let lo = code(lo.trim().parse().map_err(|_| bad())?)?;
+    let hi = code(hi.trim().parse().map_err(|_| bad())?)?;
+    if lo > hi {
+        return Err(format!("bad status range {text:?}: the low end comes first"));
+    }
+    Ok((lo, hi))
 }
 
 #[cfg(test)]
@@ -267,9 +360,34 @@ mod tests {
         assert!(listen_addr("localhost:8080").is_err());
         assert!(listen_addr("127.0.0.1").is_err());
         assert!(server_addr("127.0.0.1:0").is_err());
-        assert!(server_addr("backend.internal:80")
-            .is_err_and(|e| e.contains("DNS names are not supported yet")));
-        assert!(server_addr("1.2.3:80").is_err_and(|e| !e.contains("DNS names")));
+        assert_eq!(
+            server_addr("Backend.internal:80"),
+            Ok(ServerHost::Name {
+                host: "backend.internal".into(),
+                port: 80
+            })
+        );
+        assert!(server_addr("backend.internal").is_err());
+        assert!(server_addr("backend.internal:0").is_err());
+        assert!(server_addr("bad_name:80").is_err());
+        assert!(server_addr("1.2.3:80").is_err());
+    }
+
+    #[test]
+    fn hash_keys_cookies_and_statuses() {
+        assert_eq!(hash_key("client_ip"), Ok(HashKey::ClientIp));
+        assert_eq!(hash_key("header:X-User"), Ok(HashKey::Header("x-user".into())));
+        assert_eq!(hash_key("cookie:sid"), Ok(HashKey::Cookie("sid".into())));
+        assert!(hash_key("header:").is_err());
+        assert!(hash_key("ip").is_err());
+        assert!(cookie_name("GH_SERVER").is_ok());
+        assert!(cookie_name("a;b").is_err());
+        assert_eq!(status_range(&StatusValue::Code(204)), Ok((204, 204)));
+        assert_eq!(status_range(&StatusValue::Text("2xx".into())), Ok((200, 299)));
+        assert_eq!(status_range(&StatusValue::Text("200-302".into())), Ok((200, 302)));
+        assert!(status_range(&StatusValue::Text("302-200".into())).is_err());
+        assert!(status_range(&StatusValue::Code(99)).is_err());
+        assert!(status_range(&StatusValue::Text("9xx".into())).is_err());
     }
 
     #[test]

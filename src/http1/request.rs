@@ -123,6 +123,28 @@ impl RequestHead {
         }
     }
 
+    /// The value of the first field named `name` (compared without case).
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|f| self.bytes(f.name).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|f| self.bytes(f.value))
+    }
+
+    /// The value of the cookie `name` from the Cookie fields (RFC 6265 §5.4: `a=1; b=2`, and a
+    /// client may send several Cookie fields).
+    pub fn cookie(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .filter(|f| self.bytes(f.name).eq_ignore_ascii_case(b"cookie"))
+            .flat_map(|f| self.bytes(f.value).split(|&b| b == b';'))
+            .find_map(|pair| {
+                let pair = pair.trim_ascii();
+                let eq = memchr::memchr(b'=', pair)?;
+                (&pair[..eq] == name.as_bytes()).then(|| pair[eq + 1..].trim_ascii())
+            })
+    }
+
     pub fn has_body(&self) -> bool {
         !matches!(self.framing, Framing::Empty | Framing::Length(0))
     }

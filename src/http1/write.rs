@@ -21,6 +21,21 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Adds a field to a head already finished in `out` (one that ends with the blank line), for
+/// the rare fields only some responses carry: a sticky-session cookie, a Retry-After.
+pub fn append_field(out: &mut Vec<u8>, name: &[u8], value: &[&[u8]]) {
+    if !out.ends_with(b"\r\n\r\n") {
+        return;
+    }
+    out.truncate(out.len() - 2);
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    for part in value {
+        out.extend_from_slice(part);
+    }
+    out.extend_from_slice(b"\r\n\r\n");
+}
+
 fn framing_field(out: &mut Vec<u8>, framing: Framing) {
     match framing {
         Framing::Length(n) => {

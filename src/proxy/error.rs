@@ -22,6 +22,8 @@ pub enum ProxyError {
     ClientGone,
     #[error("no upstream server available")]
     NoServers,
+    #[error("every upstream server is at its connection limit")]
+    Saturated,
     #[error("upstream failed: {}", .0.as_str())]
     Upstream(UpstreamErrorKind),
 }
@@ -40,7 +42,7 @@ impl ProxyError {
             ProxyError::ClientBody(_) => 400,
             ProxyError::ClientTimeout => 408,
             ProxyError::ClientGone => 499,
-            ProxyError::NoServers => 503,
+            ProxyError::NoServers | ProxyError::Saturated => 503,
             ProxyError::Upstream(
                 UpstreamErrorKind::Timeout | UpstreamErrorKind::ConnectTimeout,
             ) => 504,

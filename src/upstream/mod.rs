@@ -3,8 +3,11 @@
 //! Neighbours: `proxy.rs` asks `acquire` for a connection to the server `balance` picked, and
 //! hands it back to the pool when the exchange left it reusable.
 
+pub mod budget;
 pub mod pool;
+pub mod select;
 pub mod state;
+pub mod targets;
 
 use std::io;
 use std::net::SocketAddr;
