@@ -18,12 +18,19 @@ pub use random::WeightedRandom;
 pub use smooth_weighted::SmoothWeighted;
 
 /// What an algorithm may ask about the servers of one tier (the primaries, or the backups).
-/// Indices run from 0 to `len() - 1` in the order the `Balancer` was built with.
+/// Indices run from 0 to `len() - 1` in the order the `Balancer` was built with, and `len()` is
+/// the number of servers it was built with.
+#[allow(
+    clippy::len_without_is_empty,
+    reason = "a tier is never asked whether it is empty; `len` bounds the indices"
+)]
 pub trait Candidates {
     fn len(&self) -> usize;
     /// Whether server `i` may take this request now.
     fn eligible(&self, i: usize) -> bool;
-    /// Server `i`'s weight, scaled down while it ramps up after a recovery (slow start); > 0.
+    /// Server `i`'s weight, scaled down while it ramps up after a recovery (slow start): > 0,
+    /// never above the configured weight, and exactly it at full weight (the random and
+    /// round-robin fast paths rely on that).
     fn weight(&self, i: usize) -> f64;
     /// Requests in flight to server `i`.
     fn in_flight(&self, i: usize) -> u32;
@@ -93,7 +100,7 @@ impl Balancer {
             Balancer::PeakEwma => p2c::pick(c, p2c::peak_ewma_cost),
             Balancer::ConsistentHash(m) => match hash {
                 Some(h) => m.pick(c, h),
-                None => random::pick_uniform(c),
+                None => random::pick_weighted_scan(c),
             },
         }
     }
