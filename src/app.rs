@@ -19,7 +19,7 @@ use crate::config::snapshot::Snapshot;
 use crate::config::{self, ConfigError};
 use crate::listener;
 use crate::metrics::Metrics;
-use crate::upstream::Pool;
+use crate::upstream::{health, resolve, Pool};
 
 /// State every connection task shares.
 pub struct Shared {
@@ -152,6 +152,7 @@ impl Gatehouse {
             }
             None => None,
         };
+        spawn_upstream_tasks(&shared, &background, &stop_background).await;
         let reaper_shared = Arc::clone(&shared);
         let stop = stop_background.clone();
         background.spawn(async move {
@@ -213,6 +214,32 @@ impl Gatehouse {
         self.stop_background.cancel();
         self.background.close();
         self.background.wait().await;
+    }
+}
+
+/// Starts what keeps each upstream's server list current: the DNS resolver for servers given by
+/// name (resolved once before this returns, so the first requests find them) and the active
+/// health checks.
+async fn spawn_upstream_tasks(
+    shared: &Arc<Shared>,
+    background: &TaskTracker,
+    stop: &CancellationToken,
+) {
+    let snapshot = shared.config.load_full();
+    let resolver = Arc::new(resolve::Resolver::new(&snapshot.resolver));
+    for upstream in &snapshot.upstreams {
+        if upstream.needs_resolver() {
+            resolve::refresh(upstream, &resolver, &shared.metrics).await;
+            background.spawn(resolve::run(
+                Arc::clone(upstream),
+                Arc::clone(&resolver),
+                Arc::clone(&shared.metrics),
+                stop.clone(),
+            ));
+        }
+        if upstream.health_check.is_some() {
+            background.spawn(health::run(Arc::clone(upstream), stop.clone()));
+        }
     }
 }
 

@@ -444,8 +444,11 @@ async fn buffer_body(
     }
     client.buf.reserve(n.saturating_sub(client.buf.len()));
     while client.buf.len() < n {
-        match deadline::limit(route.client_body_timeout, client.stream.read_buf(&mut client.buf))
-            .await
+        match deadline::limit(
+            route.client_body_timeout,
+            client.stream.read_buf(&mut client.buf),
+        )
+        .await
         {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(ProxyError::ClientGone),
             Ok(Ok(_)) => {}
@@ -529,7 +532,13 @@ async fn acquire(
         match open(upstream, server, timeouts.connect).await {
             Ok(conn) => return Ok((idx, conn)),
             Err(kind) => {
-                server_failed(upstream, targets, server, UpstreamFailure::Io(kind), Duration::ZERO);
+                server_failed(
+                    upstream,
+                    targets,
+                    server,
+                    UpstreamFailure::Io(kind),
+                    Duration::ZERO,
+                );
                 tried.add(idx);
                 failed += 1;
                 last = ProxyError::Upstream(kind);
@@ -623,7 +632,10 @@ async fn open(
 }
 
 /// Sends the request on `conn` and reads the final response head.
-#[allow(clippy::too_many_arguments, reason = "one call site; the pieces are all of one exchange")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; the pieces are all of one exchange"
+)]
 async fn round_trip(
     client: &mut Client,
     head: &RequestHead,

@@ -24,15 +24,16 @@ use arc_swap::ArcSwap;
 
 use super::file::{
     AccessValue, DurationValue, FileConfig, GlobalTimeouts, HealthCheckSection, LimitsSection,
-    ListenerSection, LogSection, OutlierSection, RespondSection, RetrySection, RouteSection,
-    RouteTimeoutsSection, ServerEntry, ServerTable, SizeValue, UpstreamSection,
+    ListenerSection, LogSection, OutlierSection, ResolverSection, RespondSection, RetrySection,
+    RouteSection, RouteTimeoutsSection, ServerEntry, ServerTable, SizeValue, UpstreamSection,
     UpstreamTimeoutsSection,
 };
 use super::snapshot::{
     AccessTarget, AdminSettings, BalanceSettings, ConnLimits, ConnTimeouts, FixedResponse,
     HealthCheckKind, HealthCheckSettings, HostMatch, ListenerSettings, LogFormat, LogSettings,
-    OutlierSettings, QueueSettings, RetrySettings, Route, RouteAction, ServerHost, ServerSpec,
-    Snapshot, StatusSet, Targets, Upstream, UpstreamId, UpstreamLive, UpstreamTimeouts,
+    OutlierSettings, QueueSettings, ResolverSettings, RetrySettings, Route, RouteAction,
+    ServerHost, ServerSpec, Snapshot, StatusSet, Targets, Upstream, UpstreamId, UpstreamLive,
+    UpstreamTimeouts,
 };
 use super::values;
 use crate::balance::{Algorithm, HashKey};
@@ -61,6 +62,9 @@ mod defaults {
 
     pub const KEEPALIVE: i64 = 128;
     pub const MAX_PENDING: u32 = 0;
+    pub const RESOLVER_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const RESOLVER_MIN_TTL: Duration = Duration::from_secs(1);
+    pub const RESOLVER_MAX_TTL: Duration = Duration::from_secs(300);
     pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
     pub const CHECK_INTERVAL: Duration = Duration::from_secs(5);
     pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -92,6 +96,7 @@ pub(crate) fn compile(
         admin,
         timeouts,
         limits,
+        resolver,
         listener,
         upstream,
         route,
@@ -109,6 +114,7 @@ pub(crate) fn compile(
     });
     let globals = c.global_timeouts(timeouts);
     let limits = c.limits(limits);
+    let resolver = c.resolver(resolver);
     let listeners = c.listeners(listener, &limits, admin.as_ref());
     let upstreams = c.upstreams(upstream, &globals);
     let routes = c.routes(route, &upstreams, &globals, &limits);
@@ -155,6 +161,7 @@ pub(crate) fn compile(
         router,
         limits: limits.conn,
         timeouts: globals.conn,
+        resolver,
     })
 }
 
@@ -317,6 +324,32 @@ impl Checker<'_> {
                 idle: self.duration(upstream_idle, defaults::UPSTREAM_IDLE),
             },
         }
+    }
+
+    fn resolver(&mut self, r: ResolverSection) -> ResolverSettings {
+        let ResolverSection {
+            nameservers,
+            timeout,
+            min_ttl,
+            max_ttl,
+        } = r;
+        let nameservers = nameservers.map_or_else(Vec::new, |list| {
+            list.into_inner()
+                .into_iter()
+                .filter_map(|n| self.check(n.span(), values::nameserver(n.get_ref())))
+                .collect()
+        });
+        let max_span = max_ttl.as_ref().map(|m| m.span());
+        let settings = ResolverSettings {
+            nameservers,
+            timeout: self.duration(timeout, defaults::RESOLVER_TIMEOUT),
+            min_ttl: self.duration(min_ttl, defaults::RESOLVER_MIN_TTL),
+            max_ttl: self.duration(max_ttl, defaults::RESOLVER_MAX_TTL),
+        };
+        if let Some(span) = max_span.filter(|_| settings.max_ttl < settings.min_ttl) {
+            self.report(span, "resolver.max_ttl must be at least min_ttl");
+        }
+        settings
     }
 
     fn limits(&mut self, l: LimitsSection) -> Limits {
@@ -491,8 +524,7 @@ impl Checker<'_> {
             let max_conns = max_conns
                 .and_then(|m| self.int_in(&m, "max_conns", 0..=i64::from(u32::MAX)))
                 .unwrap_or(default_max_conns);
-            let Some(host) = self.check(address_span.clone(), values::server_addr(&address))
-            else {
+            let Some(host) = self.check(address_span.clone(), values::server_addr(&address)) else {
                 continue;
             };
             if let Some(first) = seen.get(&host) {
@@ -515,7 +547,9 @@ impl Checker<'_> {
         if !specs.is_empty() && specs.iter().all(|s| s.backup) {
             self.report(
                 servers_span,
-                format!("upstream {name:?} has only backup servers: at least one must be a primary"),
+                format!(
+                    "upstream {name:?} has only backup servers: at least one must be a primary"
+                ),
             );
         }
         let max_idle_per_server =
@@ -538,7 +572,8 @@ impl Checker<'_> {
         let algorithm = self.algorithm(&name, balance, hash_key);
         let sticky_cookie = sticky_cookie.and_then(|c| {
             let ok = values::cookie_name(c.get_ref());
-            self.check(c.span(), ok).map(|()| c.into_inner().into_boxed_str())
+            self.check(c.span(), ok)
+                .map(|()| c.into_inner().into_boxed_str())
         });
         let balance = BalanceSettings {
             algorithm,
@@ -637,8 +672,9 @@ impl Checker<'_> {
                 "http" => false,
                 "tcp" => true,
                 other => {
-                    let message =
-                        format!("unknown health_check.type {other:?}: expected \"http\" or \"tcp\"");
+                    let message = format!(
+                        "unknown health_check.type {other:?}: expected \"http\" or \"tcp\""
+                    );
                     self.report(k.span(), message);
                     false
                 }
@@ -682,7 +718,10 @@ impl Checker<'_> {
             let expect = match expect {
                 None => StatusSet(vec![(200, 399)]),
                 Some(list) if list.get_ref().is_empty() => {
-                    self.report(list.span(), "health_check.expect is empty: list at least one status");
+                    self.report(
+                        list.span(),
+                        "health_check.expect is empty: list at least one status",
+                    );
                     StatusSet(vec![(200, 399)])
                 }
                 Some(list) => StatusSet(
@@ -695,7 +734,10 @@ impl Checker<'_> {
             HealthCheckKind::Http { path, host, expect }
         };
         if timeout > interval {
-            self.report(span, "health_check.timeout must not be longer than its interval");
+            self.report(
+                span,
+                "health_check.timeout must not be longer than its interval",
+            );
         }
         HealthCheckSettings {
             kind,

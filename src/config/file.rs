@@ -26,6 +26,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub limits: LimitsSection,
     #[serde(default)]
+    pub resolver: ResolverSection,
+    #[serde(default)]
     pub listener: Vec<Spanned<ListenerSection>>,
     /// Keyed by name; `compile.rs` restores file order from the key spans.
     #[serde(default)]
@@ -77,6 +79,19 @@ pub struct LimitsSection {
     pub max_uri_bytes: Option<Spanned<SizeValue>>,
     pub max_body_bytes: Option<Spanned<SizeValue>>,
     pub max_connections: Option<Spanned<i64>>,
+}
+
+/// DNS for servers given by name.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolverSection {
+    /// `"IP:port"` or `"IP"` (port 53) of the name servers; absent: the system's
+    /// (`/etc/resolv.conf`, and `/etc/hosts` first).
+    pub nameservers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub timeout: Option<Spanned<DurationValue>>,
+    /// Bounds on how soon a name is resolved again, whatever its records' TTL says.
+    pub min_ttl: Option<Spanned<DurationValue>>,
+    pub max_ttl: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -16,8 +16,8 @@ use toml::de::{DeTable, DeValue};
 use super::error::Problem;
 use super::file::{
     AdminSection, FileConfig, GlobalTimeouts, HealthCheckSection, LimitsSection, ListenerSection,
-    LogSection, OutlierSection, RespondSection, RetrySection, RouteSection, RouteTimeoutsSection,
-    ServerTable, UpstreamSection, UpstreamTimeoutsSection,
+    LogSection, OutlierSection, ResolverSection, RespondSection, RetrySection, RouteSection,
+    RouteTimeoutsSection, ServerTable, UpstreamSection, UpstreamTimeoutsSection,
 };
 
 /// The shape of one value in the file, as far as key checking needs it.
@@ -45,6 +45,7 @@ pub(crate) static ROOT: Node = Node::Struct {
         ("admin", leaf(fields_of::<AdminSection>)),
         ("timeouts", leaf(fields_of::<GlobalTimeouts>)),
         ("limits", leaf(fields_of::<LimitsSection>)),
+        ("resolver", leaf(fields_of::<ResolverSection>)),
         ("listener", Node::Array(&leaf(fields_of::<ListenerSection>))),
         (
             "upstream",

@@ -31,6 +31,17 @@ pub struct Snapshot {
     pub router: Router,
     pub limits: ConnLimits,
     pub timeouts: ConnTimeouts,
+    pub resolver: ResolverSettings,
+}
+
+/// How server names are resolved (`[resolver]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolverSettings {
+    /// Empty: the system's configuration.
+    pub nameservers: Vec<SocketAddr>,
+    pub timeout: Duration,
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
 }
 
 impl Snapshot {
@@ -141,12 +152,14 @@ pub struct ServerSpec {
     pub max_conns: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[derive(Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ServerHost {
     Addr(SocketAddr),
     /// A DNS name, resolved at start and again when its records' TTL runs out.
-    Name { host: String, port: u16 },
+    Name {
+        host: String,
+        port: u16,
+    },
 }
 
 /// How an upstream spreads requests over its servers.

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::file::{DurationValue, SizeValue, StatusValue};
-use crate::balance::HashKey;
 use super::snapshot::{HostMatch, ServerHost};
+use crate::balance::HashKey;
 
 const DURATION_FORMAT: &str =
     r#"expected a duration such as "500ms", "10s", "5m", "1h", or an integer number of seconds"#;
@@ -185,7 +185,9 @@ pub fn server_addr(value: &str) -> Result<ServerHost, String> {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
     if !is_name {
         return Err(bad());
@@ -200,6 +202,16 @@ pub fn server_addr(value: &str) -> Result<ServerHost, String> {
         }),
         Err(_) => Err(bad()),
     }
+}
+
+/// A name server: `"IP"` (port 53) or `"IP:port"`.
+pub fn nameserver(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = value.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    value.parse::<SocketAddr>().map_err(|_| {
+        format!("bad name server {value:?}: expected an IP or IP:port, such as \"127.0.0.1:53\"")
+    })
 }
 
 /// A cookie name is an RFC 6265 token: visible ASCII without separators.
@@ -275,7 +287,9 @@ pub fn status_range(value: &StatusValue) -> Result<(u16, u16), String> {
     let lo = code(lo.trim().parse().map_err(|_| bad())?)?;
     let hi = code(hi.trim().parse().map_err(|_| bad())?)?;
     if lo > hi {
-        return Err(format!("bad status range {text:?}: the low end comes first"));
+        return Err(format!(
+            "bad status range {text:?}: the low end comes first"
+        ));
     }
     Ok((lo, hi))
 }
@@ -376,15 +390,24 @@ mod tests {
     #[test]
     fn hash_keys_cookies_and_statuses() {
         assert_eq!(hash_key("client_ip"), Ok(HashKey::ClientIp));
-        assert_eq!(hash_key("header:X-User"), Ok(HashKey::Header("x-user".into())));
+        assert_eq!(
+            hash_key("header:X-User"),
+            Ok(HashKey::Header("x-user".into()))
+        );
         assert_eq!(hash_key("cookie:sid"), Ok(HashKey::Cookie("sid".into())));
         assert!(hash_key("header:").is_err());
         assert!(hash_key("ip").is_err());
         assert!(cookie_name("GH_SERVER").is_ok());
         assert!(cookie_name("a;b").is_err());
         assert_eq!(status_range(&StatusValue::Code(204)), Ok((204, 204)));
-        assert_eq!(status_range(&StatusValue::Text("2xx".into())), Ok((200, 299)));
-        assert_eq!(status_range(&StatusValue::Text("200-302".into())), Ok((200, 302)));
+        assert_eq!(
+            status_range(&StatusValue::Text("2xx".into())),
+            Ok((200, 299))
+        );
+        assert_eq!(
+            status_range(&StatusValue::Text("200-302".into())),
+            Ok((200, 302))
+        );
         assert!(status_range(&StatusValue::Text("302-200".into())).is_err());
         assert!(status_range(&StatusValue::Code(99)).is_err());
         assert!(status_range(&StatusValue::Text("9xx".into())).is_err());

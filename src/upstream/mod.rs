@@ -4,7 +4,9 @@
 //! hands it back to the pool when the exchange left it reusable.
 
 pub mod budget;
+pub mod health;
 pub mod pool;
+pub mod resolve;
 pub mod select;
 pub mod state;
 pub mod targets;

@@ -86,7 +86,11 @@ pub fn select(
         .count();
     let tier = |servers, ignore_health| Tier {
         servers,
-        offset: if std::ptr::eq(servers, primaries) { 0 } else { primaries.len() },
+        offset: if std::ptr::eq(servers, primaries) {
+            0
+        } else {
+            primaries.len()
+        },
         tried,
         ignore_health,
         now_ms,
@@ -117,10 +121,7 @@ pub fn select(
 pub fn may_eject(upstream: &Upstream, targets: &Targets, state: &ServerState) -> bool {
     let now_ms = super::state::now_ms();
     let (primaries, backups) = targets.servers.split_at(targets.primaries);
-    let tier = if primaries
-        .iter()
-        .any(|s| std::ptr::eq(&*s.state, state))
-    {
+    let tier = if primaries.iter().any(|s| std::ptr::eq(&*s.state, state)) {
         primaries
     } else {
         backups
@@ -129,7 +130,9 @@ pub fn may_eject(upstream: &Upstream, targets: &Targets, state: &ServerState) ->
         .iter()
         .filter(|s| !std::ptr::eq(&*s.state, state) && s.state.is_available(now_ms))
         .count();
-    let floor = (upstream.balance.panic_threshold * tier.len() as f64).ceil().max(1.0);
+    let floor = (upstream.balance.panic_threshold * tier.len() as f64)
+        .ceil()
+        .max(1.0);
     others as f64 >= floor
 }
 

@@ -202,7 +202,12 @@ mod tests {
             max_conns: 3,
         };
         let (backup, primary) = (spec(true), spec(false));
-        let t1 = Targets::build("u", &Algorithm::RoundRobin, &[(a, &backup), (b, &primary)], &registry);
+        let t1 = Targets::build(
+            "u",
+            &Algorithm::RoundRobin,
+            &[(a, &backup), (b, &primary)],
+            &registry,
+        );
         assert_eq!(t1.primaries, 1);
         assert_eq!(t1.servers[0].address, b);
         assert!(t1.servers[1].backup);
