@@ -1,8 +1,10 @@
-//! The admin API: `GET /health` and `GET /metrics`, served with axum on its own listener.
+//! The admin API: `GET /health`, `GET /metrics` and `GET /upstreams`, served with axum on its own
+//! listener.
 //!
 //! Neighbours: `app.rs` binds the admin address and runs `serve` beside the proxy listeners; the
-//! handlers only read shared state (`metrics.rs` for the counters), so nothing here is on the
-//! request path of proxied traffic.
+//! handlers only read shared state (`metrics.rs` for the counters, the config in force and its
+//! servers' live state for `/upstreams`), so nothing here is on the request path of proxied
+//! traffic.
 
 use std::sync::Arc;
 
@@ -15,15 +17,17 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::app::Shared;
+use crate::balance::Algorithm;
+use crate::upstream::state;
 
 /// The Prometheus text exposition format this API speaks, as scrapers expect to see it.
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What the admin handlers can read. Cheap to clone: axum clones it per request.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdminState {
-    pub metrics: Arc<Metrics>,
+    pub shared: Arc<Shared>,
 }
 
 /// Serves the admin API on an already-bound listener until `shutdown` is cancelled.
@@ -44,6 +48,7 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/upstreams", get(upstreams))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -63,11 +68,120 @@ async fn health() -> Json<Health> {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-        state.metrics.render(),
-    )
-        .into_response()
+    let mut text = state.shared.metrics.render();
+    crate::metrics::render_servers(&mut text, &state.shared.config.load_full());
+    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response()
+}
+
+/// `GET /upstreams`: every server of every upstream as the balancer sees it now.
+async fn upstreams(State(state): State<AdminState>) -> Json<UpstreamsView> {
+    let snapshot = state.shared.config.load_full();
+    let now_ms = state::now_ms();
+    let now_ns = state::now_ns();
+    let upstreams = snapshot
+        .upstreams
+        .iter()
+        .map(|u| {
+            let targets = u.targets.load_full();
+            let servers = targets
+                .servers
+                .iter()
+                .map(|s| {
+                    let st = &s.state;
+                    ServerView {
+                        address: s.address.to_string(),
+                        weight: s.weight,
+                        backup: s.backup,
+                        state: st.condition(now_ms, s.drain).as_str(),
+                        healthy_by_checks: st.is_up(),
+                        ejected_for_ms: st.ejected_for(now_ms),
+                        weight_factor: st.weight_factor(now_ms, u.balance.slow_start),
+                        in_flight: st.in_flight(),
+                        max_conns: (s.max_conns != u32::MAX).then_some(s.max_conns),
+                        latency_ewma_ms: st
+                            .ewma
+                            .has_samples()
+                            .then(|| st.ewma.estimate(now_ns) * 1000.0),
+                        requests: st.requests_total(),
+                        failures: st.failures_total(),
+                        consecutive_failures: st.consecutive_failures(),
+                        ejections: st.ejections_total(),
+                        recent_failures: st
+                            .recent_failures()
+                            .into_iter()
+                            .map(|f| FailureView {
+                                unix_ms: f
+                                    .at
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
+                                what: f.what,
+                            })
+                            .collect(),
+                    }
+                })
+                .collect();
+            UpstreamView {
+                name: u.name.clone(),
+                balance: algorithm_name(&u.balance.algorithm),
+                health_check: u.health_check.is_some(),
+                pending: u.live.pending.load(std::sync::atomic::Ordering::Relaxed),
+                servers,
+            }
+        })
+        .collect();
+    Json(UpstreamsView { upstreams })
+}
+
+fn algorithm_name(a: &Algorithm) -> &'static str {
+    match a {
+        Algorithm::RoundRobin => "round_robin",
+        Algorithm::Random => "random",
+        Algorithm::LeastRequests => "least_requests",
+        Algorithm::PeakEwma => "peak_ewma",
+        Algorithm::ConsistentHash(_) => "consistent_hash",
+    }
+}
+
+#[derive(Serialize)]
+struct UpstreamsView {
+    upstreams: Vec<UpstreamView>,
+}
+
+#[derive(Serialize)]
+struct UpstreamView {
+    name: String,
+    balance: &'static str,
+    health_check: bool,
+    /// Requests waiting for a server under its `max_conns`.
+    pending: u32,
+    servers: Vec<ServerView>,
+}
+
+#[derive(Serialize)]
+struct ServerView {
+    address: String,
+    weight: u32,
+    backup: bool,
+    /// healthy, unhealthy, ejected or draining.
+    state: &'static str,
+    healthy_by_checks: bool,
+    ejected_for_ms: Option<u64>,
+    /// The share of its weight the server gets while it ramps up after a recovery.
+    weight_factor: f64,
+    in_flight: u32,
+    max_conns: Option<u32>,
+    latency_ewma_ms: Option<f64>,
+    requests: u64,
+    failures: u64,
+    consecutive_failures: u32,
+    ejections: u64,
+    recent_failures: Vec<FailureView>,
+}
+
+#[derive(Serialize)]
+struct FailureView {
+    unix_ms: u64,
+    what: &'static str,
 }
 
 #[derive(Serialize)]
@@ -99,6 +213,8 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
+    use crate::metrics::Metrics;
+
     /// Starts the API on port 0 and returns its address, the shutdown token and the server task.
     async fn spawn(
         metrics: Arc<Metrics>,
@@ -110,7 +226,16 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let token = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, AdminState { metrics }, token.clone()));
+        let config =
+            "[log]\naccess = false\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n";
+        let snapshot = crate::config::load_str(std::path::Path::new("t.toml"), config, &metrics)
+            .expect("a minimal config compiles");
+        let shared = Arc::new(Shared::new(
+            snapshot,
+            metrics,
+            crate::access_log::AccessLog::default(),
+        ));
+        let task = tokio::spawn(serve(listener, AdminState { shared }, token.clone()));
         (addr, token, task)
     }
 

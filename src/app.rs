@@ -140,7 +140,7 @@ impl Gatehouse {
                 let addr = socket.local_addr().unwrap_or_else(|_| unspecified());
                 tracing::info!("admin API listening on {addr}");
                 let state = AdminState {
-                    metrics: Arc::clone(&metrics),
+                    shared: Arc::clone(&shared),
                 };
                 let stop = stop_background.clone();
                 background.spawn(async move {

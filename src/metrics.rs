@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::upstream::state::ServerState;
+use crate::config::snapshot::{Snapshot, Targets, Upstream};
+use crate::upstream::state::{self, Condition, ServerState};
 
 pub const REQUESTS_TOTAL: &str = "gatehouse_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "gatehouse_request_duration_seconds";
@@ -21,6 +22,17 @@ pub const UPSTREAM_CONNECTIONS_OPENED_TOTAL: &str = "gatehouse_upstream_connecti
 pub const UPSTREAM_CONNECTIONS_REUSED_TOTAL: &str = "gatehouse_upstream_connections_reused_total";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "gatehouse_upstream_errors_total";
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "gatehouse_access_log_dropped_total";
+pub const UPSTREAM_RETRIES_TOTAL: &str = "gatehouse_upstream_retries_total";
+pub const UPSTREAM_RETRIES_REFUSED_TOTAL: &str = "gatehouse_upstream_retries_refused_total";
+pub const UPSTREAM_QUEUED_TOTAL: &str = "gatehouse_upstream_queued_total";
+pub const UPSTREAM_SATURATED_TOTAL: &str = "gatehouse_upstream_saturated_total";
+pub const UPSTREAM_PENDING: &str = "gatehouse_upstream_pending";
+pub const SERVER_STATE: &str = "gatehouse_upstream_server_state";
+pub const SERVER_IN_FLIGHT: &str = "gatehouse_upstream_server_in_flight";
+pub const SERVER_LATENCY_EWMA_SECONDS: &str = "gatehouse_upstream_server_latency_ewma_seconds";
+pub const SERVER_REQUESTS_TOTAL: &str = "gatehouse_upstream_server_requests_total";
+pub const SERVER_FAILURES_TOTAL: &str = "gatehouse_upstream_server_failures_total";
+pub const SERVER_EJECTIONS_TOTAL: &str = "gatehouse_upstream_server_ejections_total";
 
 /// Upper bounds of the request-duration histogram, in nanoseconds and as rendered in `le`. Kept as
 /// text too so that the exposition shows `0.0005`, not whatever a float formatter picks.
@@ -370,6 +382,39 @@ impl Metrics {
             }
         }
 
+        let counters: [(&str, &str, fn(&UpstreamMetrics) -> &AtomicU64); 4] = [
+            (
+                UPSTREAM_RETRIES_TOTAL,
+                "Tries after the first, sent to another server.",
+                |m| &m.retries,
+            ),
+            (
+                UPSTREAM_RETRIES_REFUSED_TOTAL,
+                "Retries the retry budget refused.",
+                |m| &m.retries_refused,
+            ),
+            (
+                UPSTREAM_QUEUED_TOTAL,
+                "Requests that waited for a server under its max_conns.",
+                |m| &m.queued,
+            ),
+            (
+                UPSTREAM_SATURATED_TOTAL,
+                "Requests answered 503 because every server was at its max_conns.",
+                |m| &m.saturated,
+            ),
+        ];
+        for (metric, help, counter) in counters {
+            header(&mut out, metric, "counter", help);
+            for (name, m) in &upstreams {
+                let _ = writeln!(
+                    out,
+                    "{metric}{{upstream=\"{name}\"}} {}",
+                    counter(m).load(Ordering::Relaxed)
+                );
+            }
+        }
+
         header(
             &mut out,
             ACCESS_LOG_DROPPED_TOTAL,
@@ -383,6 +428,103 @@ impl Metrics {
         );
 
         out
+    }
+}
+
+/// The servers of the config in force: their state, load and counts. Rendered from the snapshot,
+/// not the registry, so that a server DNS took away stops being shown.
+pub fn render_servers(out: &mut String, snapshot: &Snapshot) {
+    let now_ms = state::now_ms();
+    let now_ns = state::now_ns();
+    let lists: Vec<(String, Arc<Targets>, &Upstream)> = snapshot
+        .upstreams
+        .iter()
+        .map(|u| (escape_label(&u.name), u.targets.load_full(), &**u))
+        .collect();
+    header(
+        out,
+        UPSTREAM_PENDING,
+        "gauge",
+        "Requests waiting for a server under its max_conns.",
+    );
+    for (name, _, upstream) in &lists {
+        let _ = writeln!(
+            out,
+            "{UPSTREAM_PENDING}{{upstream=\"{name}\"}} {}",
+            upstream.live.pending.load(Ordering::Relaxed)
+        );
+    }
+    header(
+        out,
+        SERVER_STATE,
+        "gauge",
+        "1 for the state each server is in: healthy, unhealthy (active checks), ejected (passive), draining.",
+    );
+    for (name, targets, _) in &lists {
+        for s in &targets.servers {
+            let current = s.state.condition(now_ms, s.drain);
+            for c in [
+                Condition::Healthy,
+                Condition::Unhealthy,
+                Condition::Ejected,
+                Condition::Draining,
+            ] {
+                let _ = writeln!(
+                    out,
+                    "{SERVER_STATE}{{upstream=\"{name}\",server=\"{}\",state=\"{}\"}} {}",
+                    s.address,
+                    c.as_str(),
+                    u8::from(c == current)
+                );
+            }
+        }
+    }
+    let gauges: [(&str, &str, &str); 5] = [
+        (
+            SERVER_IN_FLIGHT,
+            "gauge",
+            "Requests in flight to each server.",
+        ),
+        (
+            SERVER_LATENCY_EWMA_SECONDS,
+            "gauge",
+            "Peak-EWMA latency estimate of each server, as the latency-aware balancer sees it.",
+        ),
+        (
+            SERVER_REQUESTS_TOTAL,
+            "counter",
+            "Requests sent to each server.",
+        ),
+        (
+            SERVER_FAILURES_TOTAL,
+            "counter",
+            "Failed exchanges with each server (connect errors, resets, timeouts, counted 5xx).",
+        ),
+        (
+            SERVER_EJECTIONS_TOTAL,
+            "counter",
+            "Times each server was ejected by passive health.",
+        ),
+    ];
+    for (metric, kind, help) in gauges {
+        header(out, metric, kind, help);
+        for (name, targets, _) in &lists {
+            for s in &targets.servers {
+                let st = &s.state;
+                let _ = write!(
+                    out,
+                    "{metric}{{upstream=\"{name}\",server=\"{}\"}} ",
+                    s.address
+                );
+                let _ = match metric {
+                    SERVER_IN_FLIGHT => writeln!(out, "{}", st.in_flight()),
+                    SERVER_LATENCY_EWMA_SECONDS => writeln!(out, "{}", st.ewma.estimate(now_ns)),
+                    SERVER_REQUESTS_TOTAL => writeln!(out, "{}", st.requests_total()),
+                    SERVER_FAILURES_TOTAL => writeln!(out, "{}", st.failures_total()),
+                    _ => writeln!(out, "{}", st.ejections_total()),
+                };
+            }
+        }
     }
 }
 

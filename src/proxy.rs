@@ -40,6 +40,7 @@ use crate::http1::{Framing, Version};
 use crate::metrics::UpstreamErrorKind;
 use crate::upstream::select::{self, NoServer, Tried};
 use crate::upstream::state::{now_ms, now_ns, UpstreamFailure};
+use crate::upstream::targets::InFlight;
 use crate::upstream::{self, UpstreamConn};
 
 /// What `handle` tells the connection loop.
@@ -217,9 +218,9 @@ async fn forward(
     let started = Instant::now();
     let (server, mut conn, _in_flight, response) = loop {
         tries += 1;
-        let (idx, conn) = acquire(upstream, &targets, pick, &mut tried, shared, &timeouts).await?;
+        let (idx, conn, in_flight) =
+            acquire(upstream, &targets, pick, &mut tried, shared, &timeouts).await?;
         let server = &targets.servers[idx];
-        let in_flight = server.begin(&upstream.live);
         ex.upstream = Some(server.address);
         let mut conn = conn;
         if tries == 1 && replay.is_none() && head.expect_continue && head.has_body() {
@@ -310,7 +311,15 @@ async fn forward(
             UpstreamErrorKind::ClosedEarly | UpstreamErrorKind::Reset
         ) && up_buf.is_empty();
         let timed_out = kind == UpstreamErrorKind::Timeout && retry.per_try_timeout.is_some();
-        if !(repeatable && (died_before_answering || timed_out)) || tries >= retry.attempts {
+        // Only after a stale pooled connection: the fresh one could not even be opened.
+        let not_connected = matches!(
+            kind,
+            UpstreamErrorKind::ConnectRefused
+                | UpstreamErrorKind::ConnectTimeout
+                | UpstreamErrorKind::Connect
+        );
+        let retryable = died_before_answering || timed_out || not_connected;
+        if !(repeatable && retryable) || tries >= retry.attempts {
             return Err(ProxyError::Upstream(kind));
         }
         tried.add(server_index(&targets, server));
@@ -499,14 +508,14 @@ fn server_failed(
 /// always safe to try elsewhere (nothing was sent), so it moves on to another server, without
 /// counting as a retry; when every server is at its `max_conns`, the request waits in the
 /// upstream's queue, if it has one.
-async fn acquire(
-    upstream: &Upstream,
-    targets: &Targets,
+async fn acquire<'t>(
+    upstream: &'t Upstream,
+    targets: &'t Targets,
     pick: select::Request,
     tried: &mut Tried,
     shared: &Shared,
     timeouts: &UpstreamTimeouts,
-) -> Result<(usize, UpstreamConn), ProxyError> {
+) -> Result<(usize, UpstreamConn, InFlight<'t>), ProxyError> {
     let most = targets.servers.len().clamp(1, MAX_CONNECT_TRIES);
     let mut last = ProxyError::NoServers;
     let mut failed = 0;
@@ -521,16 +530,21 @@ async fn acquire(
             }
         };
         let server = &targets.servers[idx];
+        // Counted from now, before any await, so that requests picking at the same moment see
+        // each other; a race lost at the cap picks again.
+        let Some(in_flight) = server.try_begin(&upstream.live) else {
+            continue;
+        };
         if let Some(stream) = shared.pool.checkout(server) {
             upstream.metrics.connections_reused.fetch_add(1, Relaxed);
             let conn = UpstreamConn {
                 stream,
                 reused: true,
             };
-            return Ok((idx, conn));
+            return Ok((idx, conn, in_flight));
         }
         match open(upstream, server, timeouts.connect).await {
-            Ok(conn) => return Ok((idx, conn)),
+            Ok(conn) => return Ok((idx, conn, in_flight)),
             Err(kind) => {
                 server_failed(
                     upstream,

@@ -25,6 +25,8 @@ mod cli;
 mod errors;
 #[path = "suite/pooling.rs"]
 mod pooling;
+#[path = "suite/resilience.rs"]
+mod resilience;
 #[path = "suite/routing.rs"]
 mod routing;
 #[path = "suite/shutdown.rs"]

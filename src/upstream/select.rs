@@ -8,10 +8,11 @@
 //! 1. A sticky cookie naming an available server that is under its cap wins (a draining server
 //!    still serves its sticky clients: that is what draining is for).
 //! 2. The primaries, without the unhealthy, the ejected, the draining, the full and the tried.
-//! 3. If no primary is available at all, the backups, filtered the same way.
-//! 4. If fewer primaries are available than the panic threshold asks (or none, and no backup is
-//!    either), health is ignored and every primary may take the request: sending to servers that
-//!    may be down beats answering 503 for sure when the checks themselves may be wrong.
+//! 3. If no primary is left for this request (none is available, or each available one was
+//!    tried and failed), the backups, filtered the same way.
+//! 4. If fewer primaries are healthy than the panic threshold asks (or none is left, and no
+//!    backup either), health is ignored and every untried primary may take the request: sending
+//!    to servers that may be down beats answering 503 for sure when the checks may be wrong.
 
 use super::state::{now_ns, ServerState};
 use super::targets::{Server, Targets};
@@ -80,10 +81,19 @@ pub fn select(
     }
 
     let (primaries, backups) = targets.servers.split_at(targets.primaries);
-    let available = primaries
+    let usable = |s: &Server| s.state.is_available(now_ms) && !s.drain;
+    // Health as the checks see it decides on panic mode; what this request already tried
+    // decides when it moves on to the backups.
+    let healthy = primaries.iter().filter(|s| usable(s)).count();
+    let untried = primaries
         .iter()
-        .filter(|s| s.state.is_available(now_ms) && !s.drain)
+        .enumerate()
+        .filter(|(i, s)| usable(s) && !tried.contains(*i))
         .count();
+    let backups_untried = backups
+        .iter()
+        .enumerate()
+        .any(|(i, s)| usable(s) && !tried.contains(i + primaries.len()));
     let tier = |servers, ignore_health| Tier {
         servers,
         offset: if std::ptr::eq(servers, primaries) {
@@ -98,12 +108,9 @@ pub fn select(
         slow_start_ms: upstream.balance.slow_start,
     };
     let panic_below = upstream.balance.panic_threshold * primaries.len() as f64;
-    let backups_available = backups
-        .iter()
-        .any(|s| s.state.is_available(now_ms) && !s.drain);
-    let (chosen, balancer) = if available == 0 && backups_available {
+    let (chosen, balancer) = if untried == 0 && backups_untried {
         (tier(backups, false), &targets.backup)
-    } else if available == 0 || (available as f64) < panic_below {
+    } else if untried == 0 || (healthy as f64) < panic_below {
         (tier(primaries, true), &targets.primary)
     } else {
         (tier(primaries, false), &targets.primary)

@@ -184,10 +184,18 @@ impl ServerState {
         self.in_flight.load(Relaxed)
     }
 
-    /// A request to this server starts; `targets::InFlight` pairs it with `leave`.
-    pub(super) fn enter(&self) {
-        self.in_flight.fetch_add(1, Relaxed);
-        self.requests.fetch_add(1, Relaxed);
+    /// A request to this server starts, unless `max` are in flight already; `targets::InFlight`
+    /// pairs a success with `leave`. A compare-and-swap, so that requests picking the server at
+    /// the same moment cannot together pass its cap.
+    pub(super) fn try_enter(&self, max: u32) -> bool {
+        let entered = self
+            .in_flight
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok();
+        if entered {
+            self.requests.fetch_add(1, Relaxed);
+        }
+        entered
     }
 
     pub(super) fn leave(&self) {

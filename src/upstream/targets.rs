@@ -39,13 +39,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Counts a request as in flight to this server until the guard is dropped.
-    pub fn begin<'a>(&'a self, live: &'a UpstreamLive) -> InFlight<'a> {
-        self.state.enter();
-        InFlight {
+    /// Counts a request as in flight to this server until the guard is dropped; `None` when the
+    /// server is at its `max_conns`.
+    pub fn try_begin<'a>(&'a self, live: &'a UpstreamLive) -> Option<InFlight<'a>> {
+        // `then`, not `then_some`: a guard built for a refused entry would run its drop.
+        self.state.try_enter(self.max_conns).then(|| InFlight {
             state: &self.state,
             live,
-        }
+        })
     }
 
     /// The sticky cookie's value for this server: 16 hex digits.
@@ -177,14 +178,38 @@ mod tests {
         let targets = Targets::build("u", &Algorithm::RoundRobin, &[(addr, &spec)], &registry);
         let live = UpstreamLive::default();
         let server = &targets.servers[0];
-        let a = server.begin(&live);
-        let b = server.begin(&live);
+        let a = server.try_begin(&live).unwrap();
+        let b = server.try_begin(&live).unwrap();
         assert_eq!(server.state.in_flight(), 2);
         drop(a);
         drop(b);
         assert_eq!(server.state.in_flight(), 0);
         assert_eq!(server.state.requests_total(), 2);
         assert_eq!(server.max_conns, u32::MAX);
+        let capped = Targets::build(
+            "u",
+            &Algorithm::RoundRobin,
+            &[(
+                addr,
+                &ServerSpec {
+                    max_conns: 1,
+                    ..spec.clone()
+                },
+            )],
+            &registry,
+        );
+        let one = capped.servers[0].try_begin(&live).unwrap();
+        assert!(
+            capped.servers[0].try_begin(&live).is_none(),
+            "the cap holds"
+        );
+        assert_eq!(
+            capped.servers[0].state.in_flight(),
+            1,
+            "a refusal changes no count"
+        );
+        drop(one);
+        assert!(capped.servers[0].try_begin(&live).is_some());
         assert_eq!(&*server.key, "u/127.0.0.1:1");
         assert_eq!(server.sticky_value().len(), 16);
     }

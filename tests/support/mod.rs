@@ -13,6 +13,7 @@
 // Each test module uses a different part of the fixtures.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod body;
 pub mod http_upstream;
 pub mod proxy;

@@ -1,0 +1,609 @@
+//! Traffic keeps flowing when upstream servers die, hang, slow down or fill up: each test makes
+//! one server misbehave under real traffic through Gatehouse and counts, at the client and at
+//! the servers, what happened. Figures are printed (run with `--nocapture`) for
+//! `docs/resilience.md`; the assertions are on counts, never on timings.
+
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::backend::{Backend, Mode};
+use crate::support::{client, poll_until, route_toml, Proxy};
+
+/// `[upstream.app]` over `backends` with `extra` keys (and tables after them).
+fn upstream(backends: &[&Backend], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| format!("\"{}\"", b.addr()))
+        .collect();
+    format!(
+        "[upstream.app]\nservers = [{}]\n{extra}\n{}",
+        list.join(", "),
+        route_toml("/", "app")
+    )
+}
+
+/// Sends `total` GETs from `concurrency` tasks; calls `midway` once after `at` of them are done.
+/// Returns (successes, failures with their statuses).
+async fn load(
+    proxy: &Proxy,
+    total: usize,
+    concurrency: usize,
+    at: usize,
+    midway: impl FnOnce(),
+) -> (usize, Vec<u16>) {
+    let done = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let next = Arc::new(AtomicUsize::new(0));
+    let url = proxy.url("/load");
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (done, failures, next, url) = (
+            Arc::clone(&done),
+            Arc::clone(&failures),
+            Arc::clone(&next),
+            url.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            while next.fetch_add(1, SeqCst) < total {
+                let status = match client.get(&url).send().await {
+                    Ok(r) => {
+                        let s = r.status().as_u16();
+                        let _ = r.bytes().await;
+                        s
+                    }
+                    Err(_) => 0,
+                };
+                if status != 200 {
+                    failures.lock().expect("failures").push(status);
+                }
+                done.fetch_add(1, SeqCst);
+            }
+        }));
+    }
+    let reached = poll_until(Duration::from_secs(60), || async {
+        (done.load(SeqCst) >= at).then_some(())
+    })
+    .await;
+    assert!(reached.is_some(), "load stalled before {at} requests");
+    midway();
+    for t in tasks {
+        t.await.expect("load task");
+    }
+    let failures = failures.lock().expect("failures").clone();
+    (done.load(SeqCst) - failures.len(), failures)
+}
+
+async fn get(url: &str) -> (u16, String, reqwest::header::HeaderMap) {
+    let r = client()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, r.text().await.unwrap_or_default(), headers)
+}
+
+async fn upstreams_json(proxy: &Proxy) -> serde_json::Value {
+    let (status, body) = proxy.admin_get("/upstreams").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("/upstreams is JSON")
+}
+
+fn server_state(json: &serde_json::Value, addr: std::net::SocketAddr) -> String {
+    json["upstreams"][0]["servers"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["address"] == addr.to_string()))
+        .map(|s| s["state"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_of_three_under_load_loses_no_get() {
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    // A long ejection, so that the killed server is still out when the load ends.
+    let proxy = Proxy::start(&upstream(
+        &[&a, &b, &c],
+        "[upstream.app.outlier]\nbase_ejection = \"5m\"\n",
+    ))
+    .await;
+    let started = Instant::now();
+    let (ok, failed) = load(&proxy, 2000, 8, 700, || b.kill()).await;
+    let b_after = b.requests();
+    println!(
+        "figure kill-1-of-3: {} requests, {} failed, {ok} ok in {:?}; a={} b={} c={}",
+        ok + failed.len(),
+        failed.len(),
+        started.elapsed(),
+        a.requests(),
+        b_after,
+        c.requests()
+    );
+    assert!(failed.is_empty(), "client-visible failures: {failed:?}");
+    assert_eq!(ok, 2000);
+    // The killed server is ejected: the request after the kill cannot reach it anyway, and the
+    // admin API says so.
+    let json = upstreams_json(&proxy).await;
+    assert_eq!(server_state(&json, b.addr()), "ejected", "{json:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_server_is_ejected_after_the_configured_failures() {
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    b.set_mode(Mode::Hang);
+    let proxy = Proxy::start(&upstream(
+        &[&a, &b, &c],
+        "[upstream.app.retry]\nper_try_timeout = \"200ms\"\n\
+         [upstream.app.outlier]\nconsecutive_failures = 3\nbase_ejection = \"60s\"\n",
+    ))
+    .await;
+    let started = Instant::now();
+    let mut ejected_at = None;
+    for i in 0..60 {
+        let (status, body, _) = get(&proxy.url(&format!("/h/{i}"))).await;
+        assert_eq!(status, 200, "request {i}: {body}");
+        if ejected_at.is_none() && b.requests() == 3 {
+            ejected_at = Some(started.elapsed());
+        }
+    }
+    println!(
+        "figure hung-server: ejected after {} requests reached it, {:?} after the first request; a={} c={}",
+        b.requests(),
+        ejected_at,
+        a.requests(),
+        c.requests()
+    );
+    // Sequential requests: every one that reached the hung server timed out there, and the
+    // third in a row ejected it. None more reached it.
+    assert_eq!(b.requests(), 3);
+    assert_eq!(a.requests() + c.requests(), 60);
+    let json = upstreams_json(&proxy).await;
+    assert_eq!(server_state(&json, b.addr()), "ejected", "{json:#}");
+    let metrics = proxy.metrics().await;
+    let ejections = format!(
+        "gatehouse_upstream_server_ejections_total{{upstream=\"app\",server=\"{}\"}} 1",
+        b.addr()
+    );
+    assert!(metrics.contains(&ejections), "{metrics}");
+    assert!(
+        metrics.contains("gatehouse_upstream_retries_total{upstream=\"app\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejected_server_comes_back_after_its_ejection() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let proxy = Proxy::start(&upstream(
+        &[&a, &b],
+        "[upstream.app.outlier]\nconsecutive_failures = 2\nbase_ejection = \"500ms\"\n",
+    ))
+    .await;
+    b.kill();
+    for i in 0..20 {
+        let (status, body, _) = get(&proxy.url(&format!("/e/{i}"))).await;
+        assert_eq!(status, 200, "request {i}: {body}");
+    }
+    assert_eq!(
+        server_state(&upstreams_json(&proxy).await, b.addr()),
+        "ejected"
+    );
+    b.restart().await;
+    let restarted = Instant::now();
+    let back = poll_until(Duration::from_secs(20), || async {
+        let _ = get(&proxy.url("/e/again")).await;
+        (b.requests() > 0).then_some(())
+    })
+    .await;
+    println!(
+        "figure readmit: restarted server got traffic again {:?} after restart (base_ejection 500ms)",
+        restarted.elapsed()
+    );
+    assert!(
+        back.is_some(),
+        "the restarted server never got traffic again"
+    );
+    assert_eq!(
+        server_state(&upstreams_json(&proxy).await, b.addr()),
+        "healthy"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_server_gets_less_traffic_under_peak_ewma() {
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    b.set_mode(Mode::Slow(Duration::from_millis(40)));
+    let proxy = Proxy::start(&upstream(&[&a, &b, &c], "balance = \"peak_ewma\"\n")).await;
+    let (ok, failed) = load(&proxy, 600, 6, 0, || {}).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let (ra, rb, rc) = (a.requests(), b.requests(), c.requests());
+    println!("figure peak-ewma: {ok} requests, fast a={ra} c={rc}, slow b={rb}");
+    // Round-robin would give it a third (200); the latency-aware balancer learns it is slow.
+    assert!(rb * 10 < ok, "slow server got {rb} of {ok}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_requests_avoids_the_busy_server() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    b.set_mode(Mode::Hang);
+    let proxy = Proxy::start(&upstream(
+        &[&a, &b],
+        "balance = \"least_requests\"\n[upstream.app.outlier]\nconsecutive_failures = 0\n",
+    ))
+    .await;
+    // Requests in the background until two of them are stuck at the hanging server.
+    let mut stuck = Vec::new();
+    while b.requests() < 2 {
+        let url = proxy.url("/stuck");
+        stuck.push(tokio::spawn(async move {
+            let _ = client().get(&url).send().await;
+        }));
+        let seen = stuck.len();
+        poll_until(Duration::from_secs(20), || async {
+            (a.requests() + b.requests() >= seen).then_some(())
+        })
+        .await;
+        assert!(
+            stuck.len() < 100,
+            "the hanging server never got two requests"
+        );
+    }
+    // Two in flight there, none at the other: every new request goes to the idle one.
+    for i in 0..50 {
+        let (status, body, _) = get(&proxy.url(&format!("/l/{i}"))).await;
+        assert_eq!((status, body.as_str()), (200, "a"), "request {i}");
+    }
+    assert_eq!(b.requests(), 2);
+    println!(
+        "figure least-requests: with 2 requests stuck at one server, 50 of 50 new requests went to the other"
+    );
+    for t in stuck {
+        t.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_moves_only_the_removed_servers_keys() {
+    let backends = [
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+        Backend::start("d").await,
+    ];
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let proxy = Proxy::start(&upstream(
+        &refs,
+        "balance = \"consistent_hash\"\nhash_key = \"header:x-user\"\n",
+    ))
+    .await;
+    let client = client();
+    let owner = |user: usize| {
+        let client = client.clone();
+        let url = proxy.url("/k");
+        async move {
+            let r = client
+                .get(&url)
+                .header("x-user", format!("user-{user}"))
+                .send()
+                .await
+                .expect("hashed GET");
+            assert_eq!(r.status(), 200);
+            r.text().await.expect("body")
+        }
+    };
+    let users = 400;
+    let mut before = Vec::with_capacity(users);
+    for u in 0..users {
+        before.push(owner(u).await);
+    }
+    for u in 0..users {
+        assert_eq!(
+            owner(u).await,
+            before[u],
+            "user {u} moved with nothing changed"
+        );
+    }
+    backends[3].kill();
+    let mut moved = 0;
+    for u in 0..users {
+        let now = owner(u).await;
+        if before[u] == "d" {
+            assert_ne!(now, "d");
+            moved += 1;
+        } else {
+            assert_eq!(now, before[u], "user {u} moved though its server is up");
+        }
+    }
+    println!(
+        "figure consistent-hash: removing 1 of 4 servers moved {moved} of {users} keys ({:.1}%)",
+        moved as f64 * 100.0 / users as f64
+    );
+    // About a quarter: d's own keys and no others.
+    assert!(moved > users / 8 && moved < users * 3 / 8, "moved {moved}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_is_never_sent_twice_unless_the_route_allows_it() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    a.set_mode(Mode::Close);
+    b.set_mode(Mode::Close);
+    let toml = format!(
+        "[upstream.app]\nservers = [\"{}\", \"{}\"]\n[upstream.app.outlier]\nconsecutive_failures = 0\n\n\
+         [[route]]\npath = \"/safe/\"\nupstream = \"app\"\nretry_with_body = true\n\n{}",
+        a.addr(),
+        b.addr(),
+        route_toml("/", "app")
+    );
+    let proxy = Proxy::start(&toml).await;
+    let client = client();
+    for i in 0..10 {
+        let r = client
+            .post(proxy.url(&format!("/pay/{i}")))
+            .body("amount=10")
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(r.status(), 502);
+    }
+    assert_eq!(
+        a.posts() + b.posts(),
+        10,
+        "every POST reached a server exactly once"
+    );
+    // GET on the same failing servers is retried on the other one.
+    let (status, _, _) = get(&proxy.url("/g")).await;
+    assert_eq!(status, 502);
+    assert_eq!(
+        a.requests() + b.requests(),
+        12,
+        "the GET was tried on both servers"
+    );
+
+    // The route that says bodies may be repeated: the POST goes to the other server when the
+    // first closes on it, with its body intact.
+    b.set_mode(Mode::Ok);
+    let before = (a.posts(), b.posts());
+    for i in 0..10 {
+        let r = client
+            .post(proxy.url(&format!("/safe/{i}")))
+            .body("amount=10")
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(b.posts() - before.1, 10);
+    println!(
+        "figure post-retry: 10 POSTs on a default route reached servers 10 times (502); on a retry_with_body route {} tries made 10 succeed",
+        (a.posts() - before.0) + (b.posts() - before.1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_budget_caps_the_extra_load() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    a.set_mode(Mode::Close);
+    b.set_mode(Mode::Close);
+    let proxy = Proxy::start(&upstream(
+        &[&a, &b],
+        "[upstream.app.outlier]\nconsecutive_failures = 0\n\
+         [upstream.app.retry]\nattempts = 2\nbudget = 20\nmin_per_second = 0\n",
+    ))
+    .await;
+    for i in 0..100 {
+        let (status, _, _) = get(&proxy.url(&format!("/r/{i}"))).await;
+        assert_eq!(status, 502);
+    }
+    let sent = a.requests() + b.requests();
+    println!("figure retry-budget: 100 failing GETs with attempts = 2 reached servers {sent} times (without a budget: 200)");
+    assert!((100..=121).contains(&sent), "sent {sent}");
+    let metrics = proxy.metrics().await;
+    assert!(
+        !metrics.contains("gatehouse_upstream_retries_refused_total{upstream=\"app\"} 0\n"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_servers_answer_503_with_retry_after() {
+    let a = Backend::start("a").await;
+    a.set_mode(Mode::Slow(Duration::from_millis(1500)));
+    let proxy = Proxy::start(&upstream(
+        &[&a],
+        "max_conns = 1\nmax_pending = 1\nqueue_timeout = \"200ms\"\n",
+    ))
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let url = proxy.url(&format!("/s/{i}"));
+        tasks.push(tokio::spawn(async move { get(&url).await }));
+        // The first must hold the server before the others arrive.
+        if i == 0 {
+            a.wait_until(|b| b.requests() == 1).await;
+        }
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let (status, _, headers) = t.await.expect("task");
+        if status == 503 {
+            assert_eq!(
+                headers.get("retry-after").map(|v| v.as_bytes()),
+                Some(&b"1"[..])
+            );
+        }
+        statuses.push(status);
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, vec![200, 503, 503]);
+    assert_eq!(a.max_active(), 1);
+    assert_eq!(a.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_requests_wait_for_a_free_server() {
+    let a = Backend::start("q").await;
+    a.set_mode(Mode::Slow(Duration::from_millis(50)));
+    let proxy = Proxy::start(&upstream(
+        &[&a],
+        "max_conns = 2\nmax_pending = 50\nqueue_timeout = \"20s\"\n",
+    ))
+    .await;
+    let (ok, failed) = load(&proxy, 40, 10, 0, || {}).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(ok, 40);
+    assert!(
+        a.max_active() <= 2,
+        "max_conns exceeded: {}",
+        a.max_active()
+    );
+    let metrics = proxy.metrics().await;
+    assert!(
+        !metrics.contains("gatehouse_upstream_queued_total{upstream=\"app\"} 0\n"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_serve_only_while_every_primary_is_down() {
+    let (a, backup) = (Backend::start("a").await, Backend::start("backup").await);
+    let toml = format!(
+        "[upstream.app]\nservers = [\"{}\", {{ address = \"{}\", backup = true }}]\n\
+         [upstream.app.outlier]\nconsecutive_failures = 1\nbase_ejection = \"300ms\"\n\n{}",
+        a.addr(),
+        backup.addr(),
+        route_toml("/", "app")
+    );
+    let proxy = Proxy::start(&toml).await;
+    for i in 0..10 {
+        let (status, body, _) = get(&proxy.url(&format!("/b/{i}"))).await;
+        assert_eq!((status, body.as_str()), (200, "a"));
+    }
+    a.kill();
+    for i in 0..10 {
+        let (status, body, _) = get(&proxy.url(&format!("/b/{i}"))).await;
+        assert_eq!((status, body.as_str()), (200, "backup"), "request {i}");
+    }
+    a.restart().await;
+    let back = poll_until(Duration::from_secs(20), || async {
+        let (_, body, _) = get(&proxy.url("/b/back")).await;
+        (body == "a").then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "the primary never took over again");
+    let before = backup.requests();
+    for i in 0..10 {
+        let (_, body, _) = get(&proxy.url(&format!("/b/after/{i}"))).await;
+        assert_eq!(body, "a");
+    }
+    assert_eq!(backup.requests(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_cookie_pins_a_client_to_its_server() {
+    let backends = [
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    ];
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let proxy = Proxy::start(&upstream(&refs, "sticky_cookie = \"GH_SRV\"\n")).await;
+    let (status, first, headers) = get(&proxy.url("/")).await;
+    assert_eq!(status, 200);
+    let set = headers
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .expect("a Set-Cookie on the first response")
+        .to_owned();
+    assert!(
+        set.starts_with("GH_SRV=") && set.contains("HttpOnly"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap_or_default().to_owned();
+    let client = client();
+    for i in 0..20 {
+        let r = client
+            .get(proxy.url(&format!("/s/{i}")))
+            .header("cookie", format!("theme=dark; {cookie}"))
+            .send()
+            .await
+            .expect("sticky GET");
+        assert!(
+            r.headers().get("set-cookie").is_none(),
+            "the pin holds: no new cookie"
+        );
+        assert_eq!(r.text().await.expect("body"), first);
+    }
+    // Its server dies: the client goes elsewhere and is pinned anew.
+    let pinned = backends
+        .iter()
+        .find(|b| b.name() == first)
+        .expect("a backend");
+    pinned.kill();
+    let r = client
+        .get(proxy.url("/s/after"))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .expect("sticky GET");
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("set-cookie").is_some());
+    assert_ne!(r.text().await.expect("body"), first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_endpoint_and_metrics_show_every_server() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let toml = format!(
+        "[upstream.app]\nservers = [\"{}\", {{ address = \"{}\", drain = true, max_conns = 7 }}]\n\
+         balance = \"least_requests\"\n\n{}",
+        a.addr(),
+        b.addr(),
+        route_toml("/", "app")
+    );
+    let proxy = Proxy::start(&toml).await;
+    for _ in 0..5 {
+        assert_eq!(get(&proxy.url("/")).await.0, 200);
+    }
+    assert_eq!(b.requests(), 0, "a draining server takes no new requests");
+    let json = upstreams_json(&proxy).await;
+    let up = &json["upstreams"][0];
+    assert_eq!(up["name"], "app");
+    assert_eq!(up["balance"], "least_requests");
+    assert_eq!(up["servers"][0]["state"], "healthy");
+    assert_eq!(up["servers"][0]["requests"], 5);
+    assert!(up["servers"][0]["latency_ewma_ms"].is_number(), "{json:#}");
+    assert_eq!(up["servers"][1]["state"], "draining");
+    assert_eq!(up["servers"][1]["max_conns"], 7);
+    let metrics = proxy.metrics().await;
+    for line in [
+        format!(
+            "gatehouse_upstream_server_state{{upstream=\"app\",server=\"{}\",state=\"healthy\"}} 1",
+            a.addr()
+        ),
+        format!(
+            "gatehouse_upstream_server_state{{upstream=\"app\",server=\"{}\",state=\"draining\"}} 1",
+            b.addr()
+        ),
+        format!(
+            "gatehouse_upstream_server_requests_total{{upstream=\"app\",server=\"{}\"}} 5",
+            a.addr()
+        ),
+        "gatehouse_upstream_pending{upstream=\"app\"} 0".to_owned(),
+    ] {
+        assert!(metrics.contains(&line), "missing {line}\n{metrics}");
+    }
+}
