@@ -23,6 +23,8 @@ mod balancing;
 mod cli;
 #[path = "suite/errors.rs"]
 mod errors;
+#[path = "suite/health.rs"]
+mod health;
 #[path = "suite/pooling.rs"]
 mod pooling;
 #[path = "suite/resilience.rs"]
