@@ -128,6 +128,9 @@ impl UpstreamMetrics {
     }
 }
 
+/// Picks one counter out of an upstream's, so a table of them can be rendered in one loop.
+type CounterOf = fn(&UpstreamMetrics) -> &AtomicU64;
+
 /// A fixed-bucket histogram of request durations. Buckets hold per-bucket (not cumulative) counts
 /// so that an observation is a single add; `render` accumulates them.
 #[derive(Debug, Default)]
@@ -382,7 +385,7 @@ impl Metrics {
             }
         }
 
-        let counters: [(&str, &str, fn(&UpstreamMetrics) -> &AtomicU64); 4] = [
+        let counters: [(&str, &str, CounterOf); 4] = [
             (
                 UPSTREAM_RETRIES_TOTAL,
                 "Tries after the first, sent to another server.",
