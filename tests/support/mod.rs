@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 pub mod body;
+pub mod dns;
 pub mod http_upstream;
 pub mod proxy;
 pub mod raw;
