@@ -21,6 +21,8 @@ mod admin;
 mod balancing;
 #[path = "suite/cli.rs"]
 mod cli;
+#[path = "suite/dns.rs"]
+mod dns;
 #[path = "suite/errors.rs"]
 mod errors;
 #[path = "suite/health.rs"]

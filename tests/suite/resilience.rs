@@ -310,10 +310,10 @@ async fn consistent_hash_moves_only_the_removed_servers_keys() {
     for u in 0..users {
         before.push(owner(u).await);
     }
-    for u in 0..users {
+    for (u, first) in before.iter().enumerate() {
         assert_eq!(
-            owner(u).await,
-            before[u],
+            &owner(u).await,
+            first,
             "user {u} moved with nothing changed"
         );
     }
