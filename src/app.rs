@@ -227,9 +227,19 @@ async fn spawn_upstream_tasks(
 ) {
     let snapshot = shared.config.load_full();
     let resolver = Arc::new(resolve::Resolver::new(&snapshot.resolver));
+    // All names at once: with DNS down, start waits one timeout, not one per upstream.
+    let mut first = tokio::task::JoinSet::new();
+    for upstream in snapshot.upstreams.iter().filter(|u| u.needs_resolver()) {
+        let (upstream, resolver, registry) = (
+            Arc::clone(upstream),
+            Arc::clone(&resolver),
+            Arc::clone(&shared.metrics),
+        );
+        first.spawn(async move { resolve::refresh(&upstream, &resolver, &registry).await });
+    }
+    while first.join_next().await.is_some() {}
     for upstream in &snapshot.upstreams {
         if upstream.needs_resolver() {
-            resolve::refresh(upstream, &resolver, &shared.metrics).await;
             background.spawn(resolve::run(
                 Arc::clone(upstream),
                 Arc::clone(&resolver),

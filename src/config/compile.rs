@@ -339,15 +339,23 @@ impl Checker<'_> {
                 .filter_map(|n| self.check(n.span(), values::nameserver(n.get_ref())))
                 .collect()
         });
-        let max_span = max_ttl.as_ref().map(|m| m.span());
+        // A crossed range is reported at whichever end the file sets.
+        let span = max_ttl
+            .as_ref()
+            .map(|m| m.span())
+            .or_else(|| min_ttl.as_ref().map(|m| m.span()));
         let settings = ResolverSettings {
             nameservers,
             timeout: self.duration(timeout, defaults::RESOLVER_TIMEOUT),
             min_ttl: self.duration(min_ttl, defaults::RESOLVER_MIN_TTL),
             max_ttl: self.duration(max_ttl, defaults::RESOLVER_MAX_TTL),
         };
-        if let Some(span) = max_span.filter(|_| settings.max_ttl < settings.min_ttl) {
-            self.report(span, "resolver.max_ttl must be at least min_ttl");
+        if let Some(span) = span.filter(|_| settings.max_ttl < settings.min_ttl) {
+            let message = format!(
+                "resolver.max_ttl ({:?}) must be at least min_ttl ({:?})",
+                settings.max_ttl, settings.min_ttl
+            );
+            self.report(span, message);
         }
         settings
     }
@@ -727,7 +735,18 @@ impl Checker<'_> {
                 Some(list) => StatusSet(
                     list.into_inner()
                         .into_iter()
-                        .filter_map(|v| self.check(v.span(), values::status_range(v.get_ref())))
+                        .filter_map(|v| {
+                            // A 1xx is interim: the check waits for the final status.
+                            let range = values::status_range(v.get_ref()).and_then(|r| {
+                                if r.0 < 200 {
+                                    Err("health_check.expect takes final statuses, 200 to 599"
+                                        .into())
+                                } else {
+                                    Ok(r)
+                                }
+                            });
+                            self.check(v.span(), range)
+                        })
                         .collect(),
                 ),
             };

@@ -814,3 +814,175 @@ fn default_config_serves_a_welcome_page() {
         other => panic!("expected the welcome route, got {other:?}"),
     }
 }
+
+/// `[upstream.a]` with one server and `rest` after it; the keys start on line 6.
+fn upstream_with(rest: &str) -> String {
+    format!("{LISTENER}[upstream.a]\nservers = [\"127.0.0.1:9000\"]\n{rest}")
+}
+
+#[test]
+fn resilience_keys_compile_into_their_settings() {
+    use crate::balance::{Algorithm, HashKey};
+    use crate::config::snapshot::{HealthCheckKind, ServerHost};
+    let s = ok(&format!(
+        "{LISTENER}[upstream.a]\n\
+         servers = [\"127.0.0.1:9000\", {{ address = \"app.internal:9001\", backup = true, drain = true, max_conns = 3 }}]\n\
+         balance = \"consistent_hash\"\nhash_key = \"cookie:sid\"\nsticky_cookie = \"GH\"\n\
+         slow_start = \"30s\"\npanic_threshold = 50\nmax_conns = 9\nmax_pending = 4\nqueue_timeout = \"2s\"\n\
+         [upstream.a.health_check]\npath = \"/hz\"\nexpect = [204, \"3xx\"]\ninterval = \"1s\"\ntimeout = \"500ms\"\nrise = 1\nfall = 4\n\
+         [upstream.a.outlier]\nconsecutive_failures = 2\ncount_5xx = false\nbase_ejection = \"1s\"\nmax_ejection = \"1m\"\n\
+         [upstream.a.retry]\nattempts = 4\nper_try_timeout = \"1s\"\nbudget = 5\nmin_per_second = 1\n"
+    ));
+    let a = s.upstream(UpstreamId(0));
+    assert_eq!(
+        a.balance.algorithm,
+        Algorithm::ConsistentHash(HashKey::Cookie("sid".into()))
+    );
+    assert_eq!(a.balance.sticky_cookie.as_deref(), Some("GH"));
+    assert_eq!(a.balance.slow_start, Duration::from_secs(30));
+    assert_eq!(a.balance.panic_threshold, 0.5);
+    assert_eq!(
+        (a.queue.max_pending, a.queue.timeout),
+        (4, Duration::from_secs(2))
+    );
+    assert_eq!(a.specs[0].max_conns, 9, "the upstream's default");
+    assert_eq!(a.specs[1].max_conns, 3, "the server's own");
+    assert!(a.specs[1].backup && a.specs[1].drain);
+    assert_eq!(
+        a.specs[1].host,
+        ServerHost::Name {
+            host: "app.internal".into(),
+            port: 9001
+        }
+    );
+    assert!(a.needs_resolver());
+    assert_eq!(
+        a.targets.load().servers.len(),
+        1,
+        "names join once resolved"
+    );
+    let h = a.health_check.as_ref().expect("a health check");
+    assert_eq!((h.rise, h.fall), (1, 4));
+    assert_eq!(h.timeout, Duration::from_millis(500));
+    match &h.kind {
+        HealthCheckKind::Http { path, host, expect } => {
+            assert_eq!(path, "/hz");
+            assert_eq!(host, &None);
+            assert!(expect.contains(204) && expect.contains(302) && !expect.contains(200));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(a.outlier.consecutive_failures, 2);
+    assert!(!a.outlier.count_5xx);
+    assert_eq!(a.outlier.max_ejection, Duration::from_secs(60));
+    assert_eq!(a.retry.attempts, 4);
+    assert_eq!(a.retry.per_try_timeout, Some(Duration::from_secs(1)));
+    assert_eq!(a.retry.budget_ratio, 0.05);
+}
+
+#[test]
+fn resilience_defaults() {
+    let s = ok(&upstream_with(""));
+    let a = s.upstream(UpstreamId(0));
+    assert_eq!(a.balance.algorithm, crate::balance::Algorithm::RoundRobin);
+    assert!(a.health_check.is_none());
+    assert_eq!(a.outlier.consecutive_failures, 5);
+    assert_eq!(a.outlier.base_ejection, Duration::from_secs(10));
+    assert_eq!(a.retry.attempts, 3);
+    assert_eq!(a.retry.per_try_timeout, None);
+    assert_eq!(a.retry.budget_ratio, 0.2);
+    assert_eq!(a.queue.max_pending, 0);
+    assert_eq!(s.resolver.min_ttl, Duration::from_secs(1));
+    assert!(s.resolver.nameservers.is_empty());
+}
+
+#[test]
+fn resilience_key_errors_point_at_the_value() {
+    assert_one_error(
+        &upstream_with("balance = \"fastest\"\n"),
+        "6:11",
+        "unknown balance",
+    );
+    assert_one_error(
+        &upstream_with("balance = \"consistent_hash\"\n"),
+        "6:11",
+        "consistent_hash needs `hash_key`",
+    );
+    assert_one_error(
+        &upstream_with("hash_key = \"path\"\n"),
+        "6:12",
+        "only applies with balance = \"consistent_hash\"",
+    );
+    assert_one_error(
+        &upstream_with("balance = \"consistent_hash\"\nhash_key = \"ip\"\n"),
+        "7:12",
+        "bad hash_key",
+    );
+    assert_one_error(
+        &upstream_with("sticky_cookie = \"a;b\"\n"),
+        "6:17",
+        "bad cookie name",
+    );
+    assert_one_error(
+        &upstream_with("panic_threshold = 101\n"),
+        "6:19",
+        "between 0 and 100",
+    );
+    assert_one_error(
+        &upstream_with("[upstream.a.health_check]\ntype = \"icmp\"\n"),
+        "7:8",
+        "expected \"http\" or \"tcp\"",
+    );
+    assert_one_error(
+        &upstream_with("[upstream.a.health_check]\ntype = \"tcp\"\npath = \"/x\"\n"),
+        "8:8",
+        "no effect with type = \"tcp\"",
+    );
+    assert_one_error(
+        &upstream_with("[upstream.a.health_check]\nexpect = [\"1xx\"]\n"),
+        "7:11",
+        "final statuses",
+    );
+    assert_one_error(
+        &upstream_with("[upstream.a.health_check]\nexpect = [\"9xx\"]\n"),
+        "7:11",
+        "bad status",
+    );
+    assert_one_error(
+        &upstream_with("[upstream.a.health_check]\ninterval = \"1s\"\ntimeout = \"2s\"\n"),
+        "6:1",
+        "not be longer than its interval",
+    );
+    assert_one_error(
+        &upstream_with("[upstream.a.outlier]\nbase_ejection = \"1m\"\nmax_ejection = \"10s\"\n"),
+        "8:16",
+        "at least base_ejection",
+    );
+    assert_one_error(
+        &upstream_with("[upstream.a.retry]\nattempts = 0\n"),
+        "7:12",
+        "between 1 and 10",
+    );
+    assert_one_error(
+        &upstream_with("[upstream.a.retry]\nper_try_timeout = \"2m\"\n"),
+        "7:19",
+        "longer than the response_header timeout",
+    );
+    assert_one_error(
+        &format!(
+            "{LISTENER}[upstream.a]\nservers = [{{ address = \"127.0.0.1:1\", backup = true }}]\n"
+        ),
+        "5:11",
+        "only backup servers",
+    );
+    assert_one_error(
+        &format!("{LISTENER}[resolver]\nmin_ttl = \"10m\"\n"),
+        "5:11",
+        "must be at least min_ttl",
+    );
+    assert_one_error(
+        &format!("{LISTENER}[resolver]\nnameservers = [\"dns.local\"]\n"),
+        "5:16",
+        "bad name server",
+    );
+}

@@ -197,6 +197,130 @@ impl Candidates for Tier<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::snapshot::Snapshot;
+    use crate::metrics::Metrics;
+
+    /// One upstream `a` over `servers` (TOML array items) with `extra` keys.
+    fn snapshot(servers: &str, extra: &str) -> Snapshot {
+        let text = format!(
+            "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
+             [upstream.a]\nservers = [{servers}]\n{extra}"
+        );
+        crate::config::load_str(std::path::Path::new("t.toml"), &text, &Metrics::default())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn picks(s: &Snapshot, n: usize, request: Request) -> Vec<Result<usize, NoServer>> {
+        let u = &s.upstreams[0];
+        let t = u.targets.load();
+        (0..n)
+            .map(|_| select(u, &t, request, Tried::default()))
+            .collect()
+    }
+
+    fn down(s: &Snapshot, i: usize) {
+        let t = s.upstreams[0].targets.load();
+        t.servers[i].state.record_check(false, 1, 1);
+    }
+
+    const THREE: &str = r#""127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3""#;
+
+    #[test]
+    fn down_servers_are_skipped_and_tried_ones_too() {
+        let s = snapshot(THREE, "");
+        down(&s, 1);
+        assert!(picks(&s, 30, Request::default())
+            .iter()
+            .all(|p| matches!(p, Ok(0 | 2))));
+        let u = &s.upstreams[0];
+        let t = u.targets.load();
+        let mut tried = Tried::default();
+        tried.add(0);
+        assert_eq!(select(u, &t, Request::default(), tried), Ok(2));
+    }
+
+    #[test]
+    fn backups_only_when_no_primary_is_left() {
+        let s = snapshot(
+            r#""127.0.0.1:1", { address = "127.0.0.1:9", backup = true }"#,
+            "",
+        );
+        assert!(picks(&s, 10, Request::default())
+            .iter()
+            .all(|p| *p == Ok(0)));
+        let u = &s.upstreams[0];
+        let t = u.targets.load();
+        let mut tried = Tried::default();
+        tried.add(0);
+        assert_eq!(
+            select(u, &t, Request::default(), tried),
+            Ok(1),
+            "primary tried"
+        );
+        down(&s, 0);
+        assert!(picks(&s, 10, Request::default())
+            .iter()
+            .all(|p| *p == Ok(1)));
+        down(&s, 1);
+        // Nothing healthy at all: panic mode, the primaries take it.
+        assert!(picks(&s, 10, Request::default())
+            .iter()
+            .all(|p| *p == Ok(0)));
+    }
+
+    #[test]
+    fn panic_threshold_ignores_health_below_it() {
+        let s = snapshot(THREE, "panic_threshold = 50\n");
+        down(&s, 0);
+        assert!(
+            !picks(&s, 30, Request::default()).contains(&Ok(0)),
+            "2 of 3 up"
+        );
+        down(&s, 1);
+        let all = picks(&s, 30, Request::default());
+        assert!(
+            all.contains(&Ok(0)) && all.contains(&Ok(1)),
+            "1 of 3 up: {all:?}"
+        );
+    }
+
+    #[test]
+    fn draining_servers_get_only_their_sticky_clients() {
+        let s = snapshot(
+            r#""127.0.0.1:1", { address = "127.0.0.1:2", drain = true }"#,
+            "sticky_cookie = \"GH\"\n",
+        );
+        assert!(picks(&s, 10, Request::default())
+            .iter()
+            .all(|p| *p == Ok(0)));
+        let id = s.upstreams[0].targets.load().servers[1].sticky_id;
+        let sticky = Request {
+            sticky: Some(id),
+            ..Request::default()
+        };
+        assert!(picks(&s, 10, sticky).iter().all(|p| *p == Ok(1)));
+        down(&s, 1);
+        assert!(
+            picks(&s, 10, sticky).iter().all(|p| *p == Ok(0)),
+            "not when down"
+        );
+    }
+
+    #[test]
+    fn full_servers_saturate_and_ejection_keeps_one_server() {
+        let s = snapshot(r#""127.0.0.1:1", "127.0.0.1:2""#, "max_conns = 1\n");
+        let u = &s.upstreams[0];
+        let t = u.targets.load();
+        let _a = t.servers[0].try_begin(&u.live).unwrap();
+        assert!(picks(&s, 10, Request::default())
+            .iter()
+            .all(|p| *p == Ok(1)));
+        let _b = t.servers[1].try_begin(&u.live).unwrap();
+        assert_eq!(picks(&s, 1, Request::default()), [Err(NoServer::Saturated)]);
+        assert!(may_eject(u, &t, &t.servers[0].state));
+        down(&s, 1);
+        assert!(!may_eject(u, &t, &t.servers[0].state), "the last one stays");
+    }
 
     #[test]
     fn tried_marks_the_first_64() {

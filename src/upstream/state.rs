@@ -284,7 +284,8 @@ impl ServerState {
         }
         if !up && ok && streak.unsigned_abs() >= rise {
             self.up.store(true, Relaxed);
-            self.recovering_since.store(now_ms(), Relaxed);
+            // If passive health still has it out, the ramp starts when that ejection ends.
+            self.recovering_since.fetch_max(now_ms(), Relaxed);
             self.consecutive_failures.store(0, Relaxed);
             return Some(CheckTransition::CameUp);
         }
