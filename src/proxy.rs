@@ -288,7 +288,7 @@ async fn forward(
                         rtt,
                     );
                 } else {
-                    server.state.record_success(rtt, now_ms(), now_ns());
+                    server.state.record_success(rtt, now_ns());
                 }
                 break (server, conn, in_flight, response);
             }

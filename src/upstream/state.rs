@@ -204,7 +204,8 @@ impl ServerState {
 
     /// An exchange that worked (any response that is not a counted failure), taking `rtt` from
     /// the first byte sent to the response head.
-    pub fn record_success(&self, rtt: Duration, now_ms: u64, now_ns: u64) {
+    pub fn record_success(&self, rtt: Duration, now_ns: u64) {
+        let now_ms = now_ns / 1_000_000;
         self.ewma.observe(rtt, now_ns);
         if self.consecutive_failures.load(Relaxed) != 0 {
             self.consecutive_failures.store(0, Relaxed);
@@ -356,7 +357,7 @@ mod tests {
         let o = outlier(3);
         assert!(!s.record_failure(FAIL, Duration::ZERO, &o, || true));
         assert!(!s.record_failure(FAIL, Duration::ZERO, &o, || true));
-        s.record_success(Duration::from_millis(1), now_ms(), now_ns());
+        s.record_success(Duration::from_millis(1), now_ns());
         assert!(!s.record_failure(FAIL, Duration::ZERO, &o, || true));
         assert!(!s.record_failure(FAIL, Duration::ZERO, &o, || true));
         assert!(s.is_available(now_ms()));
