@@ -6,7 +6,8 @@
 //!  client ──TCP──► listener ──► conn ──(head parsed by http1::request)──► proxy  (the spine)
 //!                  accept,      keep-alive,                              │ router: (host, path) -> route
 //!                  conn cap     timeouts, drain                          │ respond route ─► fixed response
-//!                                                                        │ balance: pick a server
+//!                                                                        │ upstream::select + balance: pick a server
+//!                                                                        │   (health, ejection, caps, tiers)
 //!                                                                        │ upstream::pool: idle conn or connect
 //!                                                                        │ http1::write: request head, body
 //!                                                                        │ http1::response: response head
@@ -16,7 +17,10 @@
 //! ```
 //!
 //! `config` turns the TOML file into an immutable `Snapshot` that `app` publishes through an
-//! `ArcSwap`; a request loads it once. `admin` serves `/health` and `/metrics` with axum.
+//! `ArcSwap`; a request loads it once. `admin` serves `/health`, `/metrics` and `/upstreams`
+//! with axum. Beside the request path, `upstream::health` checks servers and
+//! `upstream::resolve` keeps names resolved; `upstream::state` holds what they and the request
+//! path learn about each server.
 
 pub mod access_log;
 pub mod admin;

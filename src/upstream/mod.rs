@@ -1,7 +1,11 @@
-//! Connections to upstream servers: opening them, and the pool that keeps them warm.
+//! Upstream servers: which ones there are (`targets`, kept current by `resolve`), how each is
+//! doing (`state`, fed by `health` and by the request path), which one takes a request
+//! (`select`), how many retries are allowed (`budget`), and the connections to them (`connect`
+//! here, and the `pool` that keeps them warm).
 //!
-//! Neighbours: `proxy.rs` asks `acquire` for a connection to the server `balance` picked, and
-//! hands it back to the pool when the exchange left it reusable.
+//! Neighbours: `proxy.rs` asks `select` for a server and `pool`/`connect` for a connection to
+//! it, records the outcome in the server's state, and hands the connection back to the pool
+//! when the exchange left it reusable.
 
 pub mod budget;
 pub mod health;
