@@ -23,6 +23,29 @@ fn upstream(backends: &[&Backend], extra: &str) -> String {
     )
 }
 
+/// What a bounded load run saw at the client.
+struct Load {
+    ok: usize,
+    /// The status of every failed request; 0 when no response came at all.
+    failures: Vec<u16>,
+    /// Every request's time, in the order they finished.
+    latencies: Vec<Duration>,
+}
+
+impl Load {
+    fn percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len().max(1)) - 1;
+        sorted.get(i).copied().unwrap_or_default()
+    }
+
+    /// Requests that took longer than `limit`.
+    fn slower_than(&self, limit: Duration) -> usize {
+        self.latencies.iter().filter(|&&d| d > limit).count()
+    }
+}
+
 /// Sends `total` GETs from `concurrency` tasks; calls `midway` once after `at` of them are done.
 /// Returns (successes, failures with their statuses).
 async fn load(
@@ -32,21 +55,32 @@ async fn load(
     at: usize,
     midway: impl FnOnce(),
 ) -> (usize, Vec<u16>) {
+    let run = load_url(&proxy.url("/load"), total, concurrency, at, midway).await;
+    (run.ok, run.failures)
+}
+
+async fn load_url(
+    url: &str,
+    total: usize,
+    concurrency: usize,
+    at: usize,
+    midway: impl FnOnce(),
+) -> Load {
     let done = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::new(std::sync::Mutex::new((Vec::new(), Vec::new())));
     let next = Arc::new(AtomicUsize::new(0));
-    let url = proxy.url("/load");
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (done, failures, next, url) = (
+        let (done, seen, next, url) = (
             Arc::clone(&done),
-            Arc::clone(&failures),
+            Arc::clone(&seen),
             Arc::clone(&next),
-            url.clone(),
+            url.to_owned(),
         );
         tasks.push(tokio::spawn(async move {
             let client = client();
             while next.fetch_add(1, SeqCst) < total {
+                let started = Instant::now();
                 let status = match client.get(&url).send().await {
                     Ok(r) => {
                         let s = r.status().as_u16();
@@ -55,14 +89,19 @@ async fn load(
                     }
                     Err(_) => 0,
                 };
-                if status != 200 {
-                    failures.lock().expect("failures").push(status);
+                let took = started.elapsed();
+                {
+                    let mut seen = seen.lock().expect("load results");
+                    seen.1.push(took);
+                    if status != 200 {
+                        seen.0.push(status);
+                    }
                 }
                 done.fetch_add(1, SeqCst);
             }
         }));
     }
-    let reached = poll_until(Duration::from_secs(60), || async {
+    let reached = poll_until(Duration::from_secs(120), || async {
         (done.load(SeqCst) >= at).then_some(())
     })
     .await;
@@ -71,8 +110,12 @@ async fn load(
     for t in tasks {
         t.await.expect("load task");
     }
-    let failures = failures.lock().expect("failures").clone();
-    (done.load(SeqCst) - failures.len(), failures)
+    let (failures, latencies) = std::mem::take(&mut *seen.lock().expect("load results"));
+    Load {
+        ok: done.load(SeqCst) - failures.len(),
+        failures,
+        latencies,
+    }
 }
 
 async fn get(url: &str) -> (u16, String, reqwest::header::HeaderMap) {
@@ -606,4 +649,194 @@ async fn upstreams_endpoint_and_metrics_show_every_server() {
     ] {
         assert!(metrics.contains(&line), "missing {line}\n{metrics}");
     }
+}
+
+// Side by side with nginx: the same failures under the same load, through Gatehouse and through
+// nginx 1.22 open source with its default failure handling (`max_fails=1 fail_timeout=10s`,
+// `proxy_next_upstream error timeout`) and its closest balancer. Ignored by default (CI does not
+// install nginx); `bash bench/resilience.sh` runs them and writes docs/resilience.md.
+
+/// An nginx in front of `backends`, with `directives` inside `upstream {}` and `location {}`
+/// extras; killed on drop.
+struct Nginx {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    async fn start(backends: &[&Backend], upstream_extra: &str, location_extra: &str) -> Option<Nginx> {
+        let binary = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        let dir = tempfile::tempdir().expect("nginx temp dir");
+        let port = crate::support::closed_port();
+        let servers: String = backends
+            .iter()
+            .map(|b| format!("    server {};\n", b.addr()))
+            .collect();
+        let d = dir.path().display();
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             upstream app {{\n{servers}{upstream_extra}    keepalive 128;\n  }}\n\
+             server {{\n    listen {port};\n    location / {{\n      proxy_pass http://app;\n\
+             proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n{location_extra}    }}\n  }}\n}}\n"
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).expect("writing nginx.conf");
+        let child = std::process::Command::new(binary)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&path)
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting nginx");
+        let url = format!("http://{port}/load");
+        let up = poll_until(Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(port).await.ok().map(|_| ())
+        })
+        .await;
+        assert!(up.is_some(), "nginx did not start listening");
+        Some(Nginx {
+            child,
+            url,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn report(scenario: &str, proxy: &str, run: &Load, backends: &[&Backend], extra: &str) {
+    let shares: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{}={}", b.name(), b.requests()))
+        .collect();
+    println!(
+        "sidebyside | {scenario} | {proxy} | {} | {} | {:.2}% | {:.1} | {:.1} | {} | {extra}",
+        run.ok + run.failures.len(),
+        run.failures.len(),
+        run.failures.len() as f64 * 100.0 / (run.ok + run.failures.len()).max(1) as f64,
+        run.percentile(0.5).as_secs_f64() * 1000.0,
+        run.percentile(0.99).as_secs_f64() * 1000.0,
+        shares.join(" "),
+    );
+}
+
+async fn three() -> [Backend; 3] {
+    [
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    ]
+}
+
+/// Runs `scenario` once through Gatehouse (with `gatehouse_extra` upstream keys) and once through
+/// nginx (with its `upstream {}` and `location {}` extras), each on fresh backends that
+/// `prepare` sets up and `midway` breaks after a third of the requests.
+async fn side_by_side(
+    scenario: &str,
+    total: usize,
+    concurrency: usize,
+    gatehouse_extra: &str,
+    nginx_upstream: &str,
+    nginx_location: &str,
+    prepare: fn(&[Backend; 3]),
+    midway: fn(&[Backend; 3]),
+) {
+    let backends = three().await;
+    prepare(&backends);
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let proxy = Proxy::start(&upstream(&refs, gatehouse_extra)).await;
+    let run = load_url(&proxy.url("/load"), total, concurrency, total / 3, || midway(&backends)).await;
+    report(scenario, "gatehouse", &run, &refs, &format!("slow>1s: {}", run.slower_than(Duration::from_secs(1))));
+    drop(proxy);
+
+    let backends = three().await;
+    prepare(&backends);
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let Some(nginx) = Nginx::start(&refs, nginx_upstream, nginx_location).await else {
+        println!("sidebyside | {scenario} | nginx | not installed");
+        return;
+    };
+    let run = load_url(&nginx.url, total, concurrency, total / 3, || midway(&backends)).await;
+    report(scenario, "nginx", &run, &refs, &format!("slow>1s: {}", run.slower_than(Duration::from_secs(1))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nginx; run by bench/resilience.sh"]
+async fn side_by_side_kill_one_of_three() {
+    side_by_side(
+        "kill 1 of 3 mid-run",
+        3000,
+        8,
+        "",
+        "",
+        "",
+        |_| {},
+        |b| b[1].kill(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nginx; run by bench/resilience.sh"]
+async fn side_by_side_hang_one_of_three() {
+    // Both get the same one-second limit per try and move on to another server after it.
+    side_by_side(
+        "hang 1 of 3 mid-run",
+        1500,
+        8,
+        "[upstream.app.retry]\nper_try_timeout = \"1s\"\n",
+        "",
+        "      proxy_read_timeout 1s;\n",
+        |_| {},
+        |b| b[1].set_mode(Mode::Hang),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nginx; run by bench/resilience.sh"]
+async fn side_by_side_one_server_answers_503() {
+    side_by_side(
+        "1 of 3 answers 503 mid-run",
+        3000,
+        8,
+        "",
+        "",
+        "",
+        |_| {},
+        |b| b[1].set_mode(Mode::Status(503)),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nginx; run by bench/resilience.sh"]
+async fn side_by_side_one_slow_server() {
+    // nginx open source has no latency-aware balancer; least_conn is its closest.
+    side_by_side(
+        "1 of 3 slow (40 ms)",
+        3000,
+        8,
+        "balance = \"peak_ewma\"\n",
+        "    least_conn;\n",
+        "",
+        |b| b[1].set_mode(Mode::Slow(Duration::from_millis(40))),
+        |_| {},
+    )
+    .await;
 }
