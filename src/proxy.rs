@@ -14,6 +14,7 @@
 //! Errors from any phase come back as `ProxyError`, which knows its status; if nothing was sent
 //! to the client yet, `send_error` answers with it.
 
+mod acquire;
 mod error;
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -24,12 +25,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use error::ProxyError;
 
+use acquire::{acquire, open, pick_request, server_failed, server_index};
+
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
-use crate::balance::{stable_hash, Algorithm, HashKey};
-use crate::config::snapshot::{
-    FixedResponse, Route, RouteAction, Server, Snapshot, Targets, Upstream, UpstreamTimeouts,
-};
+use crate::config::snapshot::{FixedResponse, Route, RouteAction, Snapshot, Upstream};
 use crate::conn::Client;
 use crate::deadline;
 use crate::http1::body::{self, Decoder, Encoder, RelayError, RelayLimits};
@@ -40,7 +40,6 @@ use crate::http1::{Framing, Version};
 use crate::metrics::UpstreamErrorKind;
 use crate::upstream::select::{self, NoServer, Tried};
 use crate::upstream::state::{now_ms, now_ns, UpstreamFailure};
-use crate::upstream::targets::InFlight;
 use crate::upstream::{self, UpstreamConn};
 
 /// What `handle` tells the connection loop.
@@ -210,7 +209,12 @@ async fn forward(
         client_ip: &peer_ip,
         proto: b"http",
     };
-    let header_timeout = retry.per_try_timeout.unwrap_or(timeouts.response_header);
+    // A request that cannot be tried again gets its whole response_header time: cutting it at
+    // the per-try limit would only turn a slow answer into a 504.
+    let header_timeout = match retry.per_try_timeout {
+        Some(per_try) if repeatable => per_try,
+        _ => timeouts.response_header,
+    };
     let mut up_buf = std::mem::take(&mut client.up_buf);
     let mut tried = Tried::default();
     let mut tries = 0u32;
@@ -234,6 +238,8 @@ async fn forward(
         }
         let try_started = Instant::now();
         let mut outcome = Err(ProxyError::NoServers);
+        // `open` counts its own failures in the metrics.
+        let mut counted = false;
         // At most twice on this server: the second time on a fresh connection, when the pooled
         // one turned out to be closed by the server as we used it.
         for _ in 0..2 {
@@ -272,6 +278,7 @@ async fn forward(
                 Ok(c) => conn = c,
                 Err(kind) => {
                     outcome = Err(ProxyError::Upstream(kind));
+                    counted = true;
                     break;
                 }
             }
@@ -295,7 +302,9 @@ async fn forward(
             Err(ProxyError::Upstream(kind)) => kind,
             Err(other) => return Err(other),
         };
-        upstream.metrics.error(kind);
+        if !counted {
+            upstream.metrics.error(kind);
+        }
         server_failed(
             upstream,
             &targets,
@@ -400,31 +409,6 @@ async fn forward(
     Ok(())
 }
 
-/// What the request brings to the choice of server: its consistent-hash key, its sticky cookie.
-fn pick_request(upstream: &Upstream, head: &RequestHead, client: &Client) -> select::Request {
-    let hash = match &upstream.balance.algorithm {
-        Algorithm::ConsistentHash(key) => match key {
-            HashKey::ClientIp => Some(match client.peer.ip() {
-                std::net::IpAddr::V4(ip) => stable_hash(&ip.octets()),
-                std::net::IpAddr::V6(ip) => stable_hash(&ip.octets()),
-            }),
-            HashKey::Path => Some(stable_hash(head.bytes(head.path))),
-            HashKey::Header(name) => head.field(name).map(stable_hash),
-            HashKey::Cookie(name) => head.cookie(name).map(stable_hash),
-        },
-        _ => None,
-    };
-    let sticky = upstream
-        .balance
-        .sticky_cookie
-        .as_deref()
-        .and_then(|name| head.cookie(name))
-        .and_then(|value| std::str::from_utf8(value).ok())
-        .filter(|value| value.len() == 16)
-        .and_then(|value| u64::from_str_radix(value, 16).ok());
-    select::Request { hash, sticky }
-}
-
 /// Bodies up to this size are held in memory on a `retry_with_body` route, so that a retry can
 /// send them again; larger ones are streamed and never retried once sent.
 const REPLAY_LIMIT: u64 = 64 * 1024;
@@ -466,183 +450,6 @@ async fn buffer_body(
     }
     ex.request_done = true;
     Ok(Some(client.buf.split_to(n).freeze()))
-}
-
-fn server_index(targets: &Targets, server: &Server) -> usize {
-    targets
-        .servers
-        .iter()
-        .position(|s| std::ptr::eq(s, server))
-        .unwrap_or(usize::MAX)
-}
-
-/// Counts a failure against `server` for passive health, ejecting it when that is due.
-fn server_failed(
-    upstream: &Upstream,
-    targets: &Targets,
-    server: &Server,
-    what: UpstreamFailure,
-    took: Duration,
-) {
-    // What a failure costs in the latency estimate: at least a second, so that a server that
-    // fails fast does not look like the fastest one.
-    let penalty = took.max(Duration::from_secs(1));
-    let ejected = server
-        .state
-        .record_failure(what, penalty, &upstream.outlier, || {
-            select::may_eject(upstream, targets, &server.state)
-        });
-    if ejected {
-        let left = server.state.ejected_for(now_ms()).unwrap_or(0);
-        tracing::warn!(
-            upstream = %upstream.name,
-            server = %server.address,
-            reason = what.as_str(),
-            "server ejected for {left} ms after {} consecutive failures",
-            upstream.outlier.consecutive_failures
-        );
-    }
-}
-
-/// Picks a server and gets a connection to it: a pooled one, or a new one. A failed connect is
-/// always safe to try elsewhere (nothing was sent), so it moves on to another server, without
-/// counting as a retry; when every server is at its `max_conns`, the request waits in the
-/// upstream's queue, if it has one.
-async fn acquire<'t>(
-    upstream: &'t Upstream,
-    targets: &'t Targets,
-    pick: select::Request,
-    tried: &mut Tried,
-    shared: &Shared,
-    timeouts: &UpstreamTimeouts,
-) -> Result<(usize, UpstreamConn, InFlight<'t>), ProxyError> {
-    let most = targets.servers.len().clamp(1, MAX_CONNECT_TRIES);
-    let mut last = ProxyError::NoServers;
-    let mut failed = 0;
-    let mut queued_until = None;
-    while failed < most {
-        let idx = match select::select(upstream, targets, pick, *tried) {
-            Ok(idx) => idx,
-            Err(NoServer::None) => break,
-            Err(NoServer::Saturated) => {
-                wait_for_server(upstream, targets, pick, *tried, &mut queued_until).await?;
-                continue;
-            }
-        };
-        let server = &targets.servers[idx];
-        // Counted from now, before any await, so that requests picking at the same moment see
-        // each other; a race lost at the cap picks again.
-        let Some(in_flight) = server.try_begin(&upstream.live) else {
-            continue;
-        };
-        if let Some(stream) = shared.pool.checkout(server) {
-            upstream.metrics.connections_reused.fetch_add(1, Relaxed);
-            let conn = UpstreamConn {
-                stream,
-                reused: true,
-            };
-            return Ok((idx, conn, in_flight));
-        }
-        match open(upstream, server, timeouts.connect).await {
-            Ok(conn) => return Ok((idx, conn, in_flight)),
-            Err(kind) => {
-                server_failed(
-                    upstream,
-                    targets,
-                    server,
-                    UpstreamFailure::Io(kind),
-                    Duration::ZERO,
-                );
-                tried.add(idx);
-                failed += 1;
-                last = ProxyError::Upstream(kind);
-            }
-        }
-    }
-    Err(last)
-}
-
-/// A request tries at most this many servers that refuse or time out its connect.
-const MAX_CONNECT_TRIES: usize = 8;
-
-/// Waits in the upstream's queue until a server is under its cap again, or answers 503.
-async fn wait_for_server(
-    upstream: &Upstream,
-    targets: &Targets,
-    pick: select::Request,
-    tried: Tried,
-    queued_until: &mut Option<tokio::time::Instant>,
-) -> Result<(), ProxyError> {
-    let live = &upstream.live;
-    let queue = upstream.queue;
-    let deadline = match *queued_until {
-        Some(d) => d,
-        None => {
-            let prior = live.pending.load(Relaxed);
-            if prior >= queue.max_pending {
-                upstream.metrics.saturated.fetch_add(1, Relaxed);
-                return Err(ProxyError::Saturated);
-            }
-            upstream.metrics.queued.fetch_add(1, Relaxed);
-            let d = tokio::time::Instant::now() + queue.timeout;
-            *queued_until = Some(d);
-            d
-        }
-    };
-    let _waiting = Waiting::join(&live.pending);
-    let notified = live.released.notified();
-    tokio::pin!(notified);
-    // Registered before looking again, so a release between the two is not missed.
-    notified.as_mut().enable();
-    if !matches!(
-        select::select(upstream, targets, pick, tried),
-        Err(NoServer::Saturated)
-    ) {
-        return Ok(());
-    }
-    if tokio::time::timeout_at(deadline, notified).await.is_err() {
-        upstream.metrics.saturated.fetch_add(1, Relaxed);
-        return Err(ProxyError::Saturated);
-    }
-    Ok(())
-}
-
-/// One request counted in an upstream's queue while it lives, however the wait ends.
-struct Waiting<'a>(&'a std::sync::atomic::AtomicU32);
-
-impl<'a> Waiting<'a> {
-    fn join(pending: &'a std::sync::atomic::AtomicU32) -> Waiting<'a> {
-        pending.fetch_add(1, Relaxed);
-        Waiting(pending)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
-    }
-}
-
-/// Opens a new connection to `server`, counting it (or its failure) in the upstream's metrics.
-async fn open(
-    upstream: &Upstream,
-    server: &Server,
-    connect_timeout: Duration,
-) -> Result<UpstreamConn, UpstreamErrorKind> {
-    match upstream::connect(server.address, connect_timeout).await {
-        Ok(stream) => {
-            upstream.metrics.connections_opened.fetch_add(1, Relaxed);
-            Ok(UpstreamConn {
-                stream,
-                reused: false,
-            })
-        }
-        Err(kind) => {
-            upstream.metrics.error(kind);
-            tracing::debug!(server = %server.address, error = kind.as_str(), "connect failed");
-            Err(kind)
-        }
-    }
 }
 
 /// Sends the request on `conn` and reads the final response head.

@@ -665,7 +665,11 @@ struct Nginx {
 }
 
 impl Nginx {
-    async fn start(backends: &[&Backend], upstream_extra: &str, location_extra: &str) -> Option<Nginx> {
+    async fn start(
+        backends: &[&Backend],
+        upstream_extra: &str,
+        location_extra: &str,
+    ) -> Option<Nginx> {
         let binary = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())?;
@@ -743,51 +747,63 @@ async fn three() -> [Backend; 3] {
     ]
 }
 
-/// Runs `scenario` once through Gatehouse (with `gatehouse_extra` upstream keys) and once through
-/// nginx (with its `upstream {}` and `location {}` extras), each on fresh backends that
-/// `prepare` sets up and `midway` breaks after a third of the requests.
-async fn side_by_side(
-    scenario: &str,
+/// One failure, as both proxies get it.
+struct Scenario {
+    name: &'static str,
     total: usize,
-    concurrency: usize,
-    gatehouse_extra: &str,
-    nginx_upstream: &str,
-    nginx_location: &str,
+    /// Extra `[upstream.app]` keys for Gatehouse.
+    gatehouse: &'static str,
+    /// Extra lines in nginx's `upstream {}` and `location {}`.
+    nginx_upstream: &'static str,
+    nginx_location: &'static str,
+    /// Sets the backends up before the load starts.
     prepare: fn(&[Backend; 3]),
+    /// Breaks a backend once a third of the requests are done.
     midway: fn(&[Backend; 3]),
-) {
+}
+
+/// Runs `s` once through Gatehouse and once through nginx, each on fresh backends, from 8
+/// concurrent clients.
+async fn side_by_side(s: Scenario) {
     let backends = three().await;
-    prepare(&backends);
+    (s.prepare)(&backends);
     let refs: Vec<&Backend> = backends.iter().collect();
-    let proxy = Proxy::start(&upstream(&refs, gatehouse_extra)).await;
-    let run = load_url(&proxy.url("/load"), total, concurrency, total / 3, || midway(&backends)).await;
-    report(scenario, "gatehouse", &run, &refs, &format!("slow>1s: {}", run.slower_than(Duration::from_secs(1))));
+    let proxy = Proxy::start(&upstream(&refs, s.gatehouse)).await;
+    let run = load_url(&proxy.url("/load"), s.total, 8, s.total / 3, || {
+        (s.midway)(&backends)
+    })
+    .await;
+    let slow = format!("slow>1s: {}", run.slower_than(Duration::from_secs(1)));
+    report(s.name, "gatehouse", &run, &refs, &slow);
     drop(proxy);
 
     let backends = three().await;
-    prepare(&backends);
+    (s.prepare)(&backends);
     let refs: Vec<&Backend> = backends.iter().collect();
-    let Some(nginx) = Nginx::start(&refs, nginx_upstream, nginx_location).await else {
-        println!("sidebyside | {scenario} | nginx | not installed");
+    let Some(nginx) = Nginx::start(&refs, s.nginx_upstream, s.nginx_location).await else {
+        println!("sidebyside | {} | nginx | not installed", s.name);
         return;
     };
-    let run = load_url(&nginx.url, total, concurrency, total / 3, || midway(&backends)).await;
-    report(scenario, "nginx", &run, &refs, &format!("slow>1s: {}", run.slower_than(Duration::from_secs(1))));
+    let run = load_url(&nginx.url, s.total, 8, s.total / 3, || {
+        (s.midway)(&backends)
+    })
+    .await;
+    let slow = format!("slow>1s: {}", run.slower_than(Duration::from_secs(1)));
+    report(s.name, "nginx", &run, &refs, &slow);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nginx; run by bench/resilience.sh"]
 async fn side_by_side_kill_one_of_three() {
-    side_by_side(
-        "kill 1 of 3 mid-run",
-        3000,
-        8,
-        "",
-        "",
-        "",
-        |_| {},
-        |b| b[1].kill(),
-    )
+    side_by_side(Scenario {
+        name: "kill 1 of 3 mid-run",
+        total: 3000,
+        gatehouse: "",
+        nginx_upstream: "",
+        nginx_location: "",
+        prepare: |_| {},
+        midway: |b| b[1].kill(),
+    })
     .await;
 }
 
@@ -795,32 +811,33 @@ async fn side_by_side_kill_one_of_three() {
 #[ignore = "needs nginx; run by bench/resilience.sh"]
 async fn side_by_side_hang_one_of_three() {
     // Both get the same one-second limit per try and move on to another server after it.
-    side_by_side(
-        "hang 1 of 3 mid-run",
-        1500,
-        8,
-        "[upstream.app.retry]\nper_try_timeout = \"1s\"\n",
-        "",
-        "      proxy_read_timeout 1s;\n",
-        |_| {},
-        |b| b[1].set_mode(Mode::Hang),
-    )
+    side_by_side(Scenario {
+        name: "hang 1 of 3 mid-run",
+        total: 1500,
+        gatehouse: "[upstream.app.retry]
+per_try_timeout = \"1s\"
+",
+        nginx_upstream: "",
+        nginx_location: "      proxy_read_timeout 1s;
+",
+        prepare: |_| {},
+        midway: |b| b[1].set_mode(Mode::Hang),
+    })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nginx; run by bench/resilience.sh"]
 async fn side_by_side_one_server_answers_503() {
-    side_by_side(
-        "1 of 3 answers 503 mid-run",
-        3000,
-        8,
-        "",
-        "",
-        "",
-        |_| {},
-        |b| b[1].set_mode(Mode::Status(503)),
-    )
+    side_by_side(Scenario {
+        name: "1 of 3 answers 503 mid-run",
+        total: 3000,
+        gatehouse: "",
+        nginx_upstream: "",
+        nginx_location: "",
+        prepare: |_| {},
+        midway: |b| b[1].set_mode(Mode::Status(503)),
+    })
     .await;
 }
 
@@ -828,15 +845,16 @@ async fn side_by_side_one_server_answers_503() {
 #[ignore = "needs nginx; run by bench/resilience.sh"]
 async fn side_by_side_one_slow_server() {
     // nginx open source has no latency-aware balancer; least_conn is its closest.
-    side_by_side(
-        "1 of 3 slow (40 ms)",
-        3000,
-        8,
-        "balance = \"peak_ewma\"\n",
-        "    least_conn;\n",
-        "",
-        |b| b[1].set_mode(Mode::Slow(Duration::from_millis(40))),
-        |_| {},
-    )
+    side_by_side(Scenario {
+        name: "1 of 3 slow (40 ms)",
+        total: 3000,
+        gatehouse: "balance = \"peak_ewma\"
+",
+        nginx_upstream: "    least_conn;
+",
+        nginx_location: "",
+        prepare: |b| b[1].set_mode(Mode::Slow(Duration::from_millis(40))),
+        midway: |_| {},
+    })
     .await;
 }
