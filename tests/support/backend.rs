@@ -48,7 +48,7 @@ struct Inner {
 
 impl Backend {
     pub async fn start(name: &'static str) -> Backend {
-        let listener = bind_fresh_port().await;
+        let listener = super::reserved_tokio_listener();
         let addr = listener.local_addr().expect("backend address");
         let inner = Arc::new(Inner {
             name,
@@ -123,25 +123,6 @@ impl Drop for Backend {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// Backends are killed and restarted on their port while other tests run. On a port the kernel
-/// handed out (`:0`), a killed backend's port could be handed to another test's server, which
-/// would then receive this test's traffic. So backends take ports below the kernel's ephemeral
-/// range (32768 and up on Linux), each port once per test process.
-async fn bind_fresh_port() -> TcpListener {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let base = 20_000 + (std::process::id() as usize % 500) * 20;
-    for _ in 0..1000 {
-        let port = base + NEXT.fetch_add(1, SeqCst) % 12_000;
-        let Ok(port) = u16::try_from(port) else {
-            continue;
-        };
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)).await {
-            return listener;
-        }
-    }
-    panic!("no free port for a backend");
 }
 
 /// The port was ours a moment ago; a few tries cover the kernel's bookkeeping.

@@ -38,9 +38,8 @@ pub struct FlakyUpstream {
 impl FlakyUpstream {
     /// Starts with `/healthz` answering 200.
     pub async fn start(name: &'static str) -> FlakyUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding a flaky upstream");
+        // Killed by its tests: its port must not go to another test's server.
+        let listener = super::reserved_tokio_listener();
         let addr = listener.local_addr().expect("flaky upstream address");
         let health = Arc::new(AtomicU16::new(200));
         let seen = Arc::new(Seen::default());

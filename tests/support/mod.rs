@@ -77,12 +77,44 @@ pub fn client_with_timeout(timeout: Duration) -> reqwest::Client {
         .expect("building a reqwest client")
 }
 
-/// An address on which nothing listens: bind port 0, note the port, close it again.
+/// An address on which nothing listens, and nothing in this test process ever will: a port
+/// from `reserved_listener`, closed again.
 pub fn closed_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a probe port");
+    let listener = reserved_listener();
     let addr = listener.local_addr().expect("probe port address");
     drop(listener);
     addr
+}
+
+/// A listener on 127.0.0.1 for a server that a test kills, restarts, or leaves closed.
+///
+/// On a port the kernel hands out (`:0`), a closed server's port can be handed to another test
+/// running at the same time, which would then receive this test's traffic (retries, health
+/// checks) and miscount. So these take ports below the kernel's ephemeral range (32768 and up
+/// on Linux), each port at most once per test process.
+pub fn reserved_listener() -> std::net::TcpListener {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let base = 20_000 + (std::process::id() as usize % 500) * 20;
+    for _ in 0..1000 {
+        let port = base + NEXT.fetch_add(1, Ordering::SeqCst) % 12_000;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener;
+        }
+    }
+    panic!("no free port in the reserved range");
+}
+
+/// `reserved_listener` for tokio.
+pub fn reserved_tokio_listener() -> tokio::net::TcpListener {
+    let listener = reserved_listener();
+    listener
+        .set_nonblocking(true)
+        .expect("a non-blocking listener");
+    tokio::net::TcpListener::from_std(listener).expect("registering a listener")
 }
 
 /// The TOML for `[upstream.NAME]` with equal-weight servers and nothing else.
