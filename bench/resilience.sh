@@ -22,12 +22,15 @@ if ((install)) && ! command -v nginx >/dev/null && ! [ -x /usr/sbin/nginx ]; the
   apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null
 fi
 
-out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+mkdir -p bench/results
+out=bench/results/resilience-$(date -u +%Y%m%dT%H%M%SZ).log
+echo "full output: $out"
 # One test at a time: the figures are about failure handling, not about two tests sharing
 # two cores.
 cargo test --release --locked --test main resilience -- --include-ignored --nocapture \
-  --test-threads=1 2>&1 | tee "$out" | grep -E '^(figure|sidebyside)|test result' || true
+  --test-threads=1 >"$out" 2>&1 || true
+# With one test thread, a test's output continues the "test NAME ... " line.
+grep -oE '(figure|sidebyside) .*|test result.*|panicked at.*' "$out" || true
 grep -q 'test result: ok' "$out" || { echo "resilience tests failed" >&2; exit 1; }
 
 nginx_version=$( (nginx -v 2>&1 || /usr/sbin/nginx -v 2>&1) | sed 's/^nginx version: //' || true)
@@ -35,9 +38,9 @@ commit=$(git rev-parse --short=12 HEAD)
 python3 - "$out" "$write" "$nginx_version" "$commit" <<'PY'
 import re, sys, datetime, pathlib
 log, write, nginx, commit = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
-lines = pathlib.Path(log).read_text().splitlines()
-side = [l.split(" | ")[1:] for l in lines if l.startswith("sidebyside | ")]
-figs = [l[len("figure "):] for l in lines if l.startswith("figure ")]
+found = re.findall(r"(figure|sidebyside) (.*)", pathlib.Path(log).read_text())
+side = [rest.lstrip("| ").split(" | ") for kind, rest in found if kind == "sidebyside"]
+figs = [rest for kind, rest in found if kind == "figure"]
 md = []
 md.append(f"Generated {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC from commit `{commit}` "
           f"(nginx {nginx or 'not installed'}), release build, one test at a time.\n")
