@@ -263,6 +263,50 @@ async fn ejected_server_comes_back_after_its_ejection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_readmitted_server_ramps_up_over_slow_start() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let proxy = Proxy::start(&upstream(
+        &[&a, &b],
+        "slow_start = \"60s\"\n[upstream.app.outlier]\nconsecutive_failures = 1\nbase_ejection = \"300ms\"\n",
+    ))
+    .await;
+    b.kill();
+    // The first request that picks it ejects it (one refused connect) and moves on to `a`.
+    for i in 0..4 {
+        let (status, body, _) = get(&proxy.url(&format!("/k/{i}"))).await;
+        assert_eq!((status, body.as_str()), (200, "a"));
+    }
+    assert_eq!(
+        server_state(&upstreams_json(&proxy).await, b.addr()),
+        "ejected"
+    );
+    b.restart().await;
+    let back = poll_until(Duration::from_secs(20), || async {
+        let json = upstreams_json(&proxy).await;
+        (server_state(&json, b.addr()) == "healthy").then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "the ejection never ended");
+    let before = (a.requests(), b.requests());
+    for i in 0..400 {
+        let (status, _, _) = get(&proxy.url(&format!("/s/{i}"))).await;
+        assert_eq!(status, 200);
+    }
+    let (ra, rb) = (a.requests() - before.0, b.requests() - before.1);
+    println!("figure slow-start: in the first seconds of a 60 s ramp the readmitted server got {rb} of 400 requests (equal weights: 200)");
+    // Early in a 60 s ramp its weight is a few percent of the other's: far from half.
+    assert!(rb > 0, "a ramping server still gets some traffic");
+    assert!(rb * 4 < ra, "a={ra} b={rb}");
+    let json = upstreams_json(&proxy).await;
+    let factor = json["upstreams"][0]["servers"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["address"] == b.addr().to_string()))
+        .and_then(|s| s["weight_factor"].as_f64())
+        .unwrap_or(1.0);
+    assert!(factor < 0.5, "weight_factor {factor}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_server_gets_less_traffic_under_peak_ewma() {
     let (a, b, c) = (
         Backend::start("a").await,
