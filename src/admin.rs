@@ -1,5 +1,5 @@
-//! The admin API: `GET /health`, `GET /metrics` and `GET /upstreams`, served with axum on its own
-//! listener.
+//! The admin API, served with axum on its own listener: `GET /health`, `GET /metrics`,
+//! `GET /upstreams`, `GET /config`, `POST /reload` and `POST /drain`.
 //!
 //! Neighbours: `app.rs` binds the admin address and runs `serve` beside the proxy listeners; the
 //! handlers only read shared state (`metrics.rs` for the counters, the config in force and its
@@ -11,13 +11,14 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Shared;
+use crate::reload::{ReloadError, Reloader};
 use crate::balance::Algorithm;
 use crate::upstream::state;
 
@@ -28,6 +29,8 @@ const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[derive(Clone)]
 pub struct AdminState {
     pub shared: Arc<Shared>,
+    /// `None` when nothing can be reloaded (a process started without a config file).
+    pub reloader: Option<Arc<Reloader>>,
 }
 
 /// Serves the admin API on an already-bound listener until `shutdown` is cancelled.
@@ -49,6 +52,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/upstreams", get(upstreams))
+        .route("/config", get(config))
+        .route("/reload", post(reload))
+        .route("/drain", post(drain))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -70,7 +76,98 @@ async fn health() -> Json<Health> {
 async fn metrics(State(state): State<AdminState>) -> Response {
     let mut text = state.shared.metrics.render();
     crate::metrics::render_servers(&mut text, &state.shared.config.load_full());
+    if let Some(reloader) = &state.reloader {
+        crate::metrics::render_reloads(&mut text, &reloader.status());
+    }
     ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response()
+}
+
+/// `POST /reload`: read the config file again; 200 with what changed, or 400 with every problem
+/// (`file:line:col: message`) and the old config still in force.
+async fn reload(State(state): State<AdminState>) -> Response {
+    let Some(reloader) = &state.reloader else {
+        return (
+            StatusCode::CONFLICT,
+            Json(ErrorBody {
+                error: "this process has no config file to reload",
+            }),
+        )
+            .into_response();
+    };
+    match reloader.reload().await {
+        Ok(report) => (StatusCode::OK, Json(report)).into_response(),
+        Err(e) => {
+            let status = match e {
+                ReloadError::Config(_) => StatusCode::BAD_REQUEST,
+                ReloadError::Bind { .. } | ReloadError::NoFile => StatusCode::CONFLICT,
+            };
+            let body = ReloadFailed {
+                error: "the config was not reloaded; the previous one stays in force",
+                problems: e.to_string().lines().map(str::to_owned).collect(),
+            };
+            (status, Json(body)).into_response()
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ReloadFailed {
+    error: &'static str,
+    problems: Vec<String>,
+}
+
+/// `GET /config`: the config in force, when it was loaded, and how the last reloads went.
+async fn config(State(state): State<AdminState>) -> Response {
+    let Some(reloader) = &state.reloader else {
+        return not_found().await;
+    };
+    let s = reloader.status();
+    let unix_ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
+    };
+    Json(ConfigView {
+        path: s.path.as_ref().map(|p| p.display().to_string()),
+        generation: s.generation,
+        loaded_at_unix_ms: unix_ms(s.loaded_at),
+        reloads_ok: s.reloads_ok,
+        reloads_failed: s.reloads_failed,
+        last_error: s.last_error.as_ref().map(|(at, e)| LastError {
+            at_unix_ms: unix_ms(*at),
+            problems: e.lines().map(str::to_owned).collect(),
+        }),
+        text: s.text.to_string(),
+    })
+    .into_response()
+}
+
+#[derive(Serialize)]
+struct ConfigView {
+    path: Option<String>,
+    generation: u64,
+    loaded_at_unix_ms: u64,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    last_error: Option<LastError>,
+    text: String,
+}
+
+#[derive(Serialize)]
+struct LastError {
+    at_unix_ms: u64,
+    problems: Vec<String>,
+}
+
+/// `POST /drain`: what SIGTERM does, for taking a node out of a pool: stop accepting, finish
+/// what is in flight (responses say `Connection: close`), close idle connections, exit.
+async fn drain(State(state): State<AdminState>) -> Response {
+    tracing::info!("POST /drain: draining");
+    state.shared.start_drain();
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"status": "draining"})),
+    )
+        .into_response()
 }
 
 /// `GET /upstreams`: every server of every upstream as the balancer sees it now.
@@ -235,7 +332,11 @@ mod tests {
             metrics,
             crate::access_log::AccessLog::default(),
         ));
-        let task = tokio::spawn(serve(listener, AdminState { shared }, token.clone()));
+        let state = AdminState {
+            shared,
+            reloader: None,
+        };
+        let task = tokio::spawn(serve(listener, state, token.clone()));
         (addr, token, task)
     }
 

@@ -1,10 +1,11 @@
-//! Builds the shared state, starts the listeners and the admin API, and drains on shutdown.
+//! Builds the shared state, starts the listeners (through `reload.rs`, which also swaps in new
+//! configs) and the admin API, and drains on shutdown.
 //!
 //! Neighbours: `cli.rs` calls `Gatehouse::start_with` inside the runtime it built; everything on
 //! the request path reaches the running state through `Shared`.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,8 @@ use crate::config::snapshot::Snapshot;
 use crate::config::{self, ConfigError};
 use crate::listener;
 use crate::metrics::Metrics;
-use crate::upstream::{health, resolve, Pool};
+use crate::reload::{ReloadError, ReloadReport, Reloader};
+use crate::upstream::Pool;
 
 /// State every connection task shares.
 pub struct Shared {
@@ -77,7 +79,7 @@ pub enum StartError {
 /// A running Gatehouse.
 pub struct Gatehouse {
     shared: Arc<Shared>,
-    listeners: Vec<(String, SocketAddr)>,
+    reloader: Arc<Reloader>,
     admin: Option<SocketAddr>,
     connections: TaskTracker,
     background: TaskTracker,
@@ -86,61 +88,71 @@ pub struct Gatehouse {
 
 impl Gatehouse {
     /// Loads the config file, binds every listener and the admin API, and starts serving on the
-    /// current tokio runtime.
+    /// current tokio runtime. The file is read again on every reload.
     pub async fn start(config_path: &Path) -> Result<Gatehouse, StartError> {
         let metrics = Arc::new(Metrics::default());
-        let snapshot = config::load(config_path, &metrics)?;
-        Gatehouse::start_with(snapshot, metrics).await
+        let text = std::fs::read_to_string(config_path).map_err(|e| {
+            ConfigError::at_start(config_path, format!("cannot read file: {e}"))
+        })?;
+        let snapshot = config::load_str(config_path, &text, &metrics)?;
+        Gatehouse::start_from(Some(config_path.to_owned()), text.into(), snapshot, metrics).await
     }
 
-    /// Starts serving an already compiled config (whose metrics came from `metrics`).
+    /// Starts serving an already compiled config (whose metrics came from `metrics`); such a
+    /// process has no file to reload.
     pub async fn start_with(
+        snapshot: Snapshot,
+        metrics: Arc<Metrics>,
+    ) -> Result<Gatehouse, StartError> {
+        Gatehouse::start_from(None, Arc::from(""), snapshot, metrics).await
+    }
+
+    /// Starts serving `snapshot`, compiled from `text` read from `path`.
+    pub async fn start_from(
+        path: Option<PathBuf>,
+        text: Arc<str>,
         snapshot: Snapshot,
         metrics: Arc<Metrics>,
     ) -> Result<Gatehouse, StartError> {
         let access_log =
             AccessLog::start(&snapshot.log, Arc::clone(&metrics)).map_err(StartError::AccessLog)?;
-        let mut bound = Vec::with_capacity(snapshot.listeners.len());
-        for l in &snapshot.listeners {
-            let socket = listener::bind(l.listen).map_err(|error| StartError::Bind {
-                what: format!("listener {}", l.name),
-                addr: l.listen,
-                error,
-            })?;
-            bound.push((l.name.clone(), l.max_connections, socket));
-        }
-        let admin_socket = match &snapshot.admin {
-            Some(a) => Some(listener::bind(a.listen).map_err(|error| StartError::Bind {
-                what: "admin API".into(),
-                addr: a.listen,
-                error,
-            })?),
-            None => None,
-        };
-
+        let admin_listen = snapshot.admin.as_ref().map(|a| a.listen);
         let shared = Arc::new(Shared::new(snapshot, Arc::clone(&metrics), access_log));
         let connections = TaskTracker::new();
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
-
-        let mut listeners = Vec::with_capacity(bound.len());
-        for (name, max_connections, socket) in bound {
-            let addr = socket.local_addr().unwrap_or_else(|_| unspecified());
-            tracing::info!(listener = %name, "listening on {addr}");
-            listeners.push((name, addr));
-            tokio::spawn(listener::accept_loop(
-                socket,
-                max_connections,
-                Arc::clone(&shared),
-                connections.clone(),
-            ));
-        }
+        let reloader = Reloader::start(
+            path,
+            text,
+            Arc::clone(&shared),
+            connections.clone(),
+            background.clone(),
+            stop_background.clone(),
+        )
+        .await?;
+        let admin_socket = match admin_listen {
+            Some(addr) => match listener::bind(addr) {
+                Ok(socket) => Some(socket),
+                Err(error) => {
+                    // The listeners are already accepting: close them again.
+                    shared.start_drain();
+                    stop_background.cancel();
+                    return Err(StartError::Bind {
+                        what: "admin API".into(),
+                        addr,
+                        error,
+                    });
+                }
+            },
+            None => None,
+        };
         let admin = match admin_socket {
             Some(socket) => {
                 let addr = socket.local_addr().unwrap_or_else(|_| unspecified());
                 tracing::info!("admin API listening on {addr}");
                 let state = AdminState {
                     shared: Arc::clone(&shared),
+                    reloader: Some(Arc::clone(&reloader)),
                 };
                 let stop = stop_background.clone();
                 background.spawn(async move {
@@ -152,7 +164,6 @@ impl Gatehouse {
             }
             None => None,
         };
-        spawn_upstream_tasks(&shared, &background, &stop_background).await;
         let reaper_shared = Arc::clone(&shared);
         let stop = stop_background.clone();
         background.spawn(async move {
@@ -167,7 +178,7 @@ impl Gatehouse {
 
         Ok(Gatehouse {
             shared,
-            listeners,
+            reloader,
             admin,
             connections,
             background,
@@ -175,11 +186,13 @@ impl Gatehouse {
         })
     }
 
+    /// Reads the config file again and puts it in force if it is good; see `reload.rs`.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        self.reloader.reload().await
+    }
+
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
+        self.reloader.listener_addr(name)
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -214,42 +227,6 @@ impl Gatehouse {
         self.stop_background.cancel();
         self.background.close();
         self.background.wait().await;
-    }
-}
-
-/// Starts what keeps each upstream's server list current: the DNS resolver for servers given by
-/// name (resolved once before this returns, so the first requests find them) and the active
-/// health checks.
-async fn spawn_upstream_tasks(
-    shared: &Arc<Shared>,
-    background: &TaskTracker,
-    stop: &CancellationToken,
-) {
-    let snapshot = shared.config.load_full();
-    let resolver = Arc::new(resolve::Resolver::new(&snapshot.resolver));
-    // All names at once: with DNS down, start waits one timeout, not one per upstream.
-    let mut first = tokio::task::JoinSet::new();
-    for upstream in snapshot.upstreams.iter().filter(|u| u.needs_resolver()) {
-        let (upstream, resolver, registry) = (
-            Arc::clone(upstream),
-            Arc::clone(&resolver),
-            Arc::clone(&shared.metrics),
-        );
-        first.spawn(async move { resolve::refresh(&upstream, &resolver, &registry).await });
-    }
-    while first.join_next().await.is_some() {}
-    for upstream in &snapshot.upstreams {
-        if upstream.needs_resolver() {
-            background.spawn(resolve::run(
-                Arc::clone(upstream),
-                Arc::clone(&resolver),
-                Arc::clone(&shared.metrics),
-                stop.clone(),
-            ));
-        }
-        if upstream.health_check.is_some() {
-            background.spawn(health::run(Arc::clone(upstream), stop.clone()));
-        }
     }
 }
 

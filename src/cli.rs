@@ -69,7 +69,14 @@ pub fn check(path: &Path) -> ExitCode {
 
 pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let metrics = Arc::new(Metrics::default());
-    let snapshot = match config::load(path, &metrics) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: cannot read file: {e}", path.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let snapshot = match config::load_str(path, &text, &metrics) {
         Ok(s) => s,
         Err(e) => {
             eprint!("{e}");
@@ -94,20 +101,31 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
         .thread_name("gatehouse-worker")
         .build()?;
     runtime.block_on(async move {
-        let gatehouse = Gatehouse::start_with(snapshot, metrics).await?;
+        let gatehouse =
+            Gatehouse::start_from(Some(path.to_owned()), text.into(), snapshot, metrics).await?;
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "gatehouse started");
-        let signals = shutdown_signal();
-        tokio::pin!(signals);
+        let mut signals = Signals::install();
         let drained = {
             let stop = gatehouse.shared().drain.clone();
             async move { stop.cancelled().await }
         };
-        tokio::select! {
-            signal = &mut signals => {
-                tracing::info!("{signal}: draining");
-                gatehouse.shutdown();
+        tokio::pin!(drained);
+        loop {
+            tokio::select! {
+                signal = signals.next() => match signal {
+                    Signal::Reload => {
+                        tracing::info!("SIGHUP: reloading {}", path.display());
+                        // The outcome is logged (and counted) by the reload itself.
+                        let _ = gatehouse.reload().await;
+                    }
+                    Signal::Stop(name) => {
+                        tracing::info!("{name}: draining");
+                        gatehouse.shutdown();
+                        break;
+                    }
+                },
+                _ = &mut drained => break,
             }
-            _ = drained => {}
         }
         gatehouse.wait().await;
         tracing::info!("stopped");
@@ -116,19 +134,42 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolves with the signal's name on SIGTERM or SIGINT.
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers we can still serve; we just cannot drain on a signal.
-        std::future::pending::<()>().await;
-        return "never";
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+enum Signal {
+    /// SIGHUP.
+    Reload,
+    /// SIGTERM or SIGINT, by name.
+    Stop(&'static str),
+}
+
+/// The signals `run` acts on. Without handlers (a sandbox that forbids them) we still serve; we
+/// just cannot drain or reload on a signal.
+struct Signals {
+    handlers: Option<[tokio::signal::unix::Signal; 3]>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let handlers = match (
+            signal(SignalKind::hangup()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(hup), Ok(term), Ok(int)) => Some([hup, term, int]),
+            _ => None,
+        };
+        Signals { handlers }
+    }
+
+    async fn next(&mut self) -> Signal {
+        let Some([hup, term, int]) = &mut self.handlers else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = hup.recv() => Signal::Reload,
+            _ = term.recv() => Signal::Stop("SIGTERM"),
+            _ = int.recv() => Signal::Stop("SIGINT"),
+        }
     }
 }
+

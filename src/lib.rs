@@ -34,5 +34,6 @@ pub mod http1;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod router;
 pub mod upstream;

@@ -1,6 +1,6 @@
 //! Binds the listening sockets and accepts client connections, up to a cap.
 //!
-//! Neighbours: `app.rs` binds every configured listener through `bind` and runs `accept_loop`;
+//! Neighbours: `reload.rs` binds every configured listener through `bind` and runs `accept_loop`;
 //! each accepted connection becomes a `conn::serve` task. At the connection cap the loop stops
 //! accepting (the kernel's backlog holds newcomers) rather than accepting and dropping them.
 
@@ -12,6 +12,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::Shared;
@@ -33,26 +34,27 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Accepts until the drain starts; the listener is closed when this returns, so later
-/// connection attempts are refused at once instead of hanging.
+/// Accepts until `stop` (the drain, or a reload that removed this listener); the listener is
+/// closed when this returns, so later connection attempts are refused at once instead of
+/// hanging. Each connection holds one of `permits` while it lives: the listener's cap.
 pub async fn accept_loop(
     listener: TcpListener,
-    max_connections: usize,
+    permits: Arc<Semaphore>,
+    stop: CancellationToken,
     shared: Arc<Shared>,
     connections: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&permits).acquire_owned() => match permit {
                 Ok(p) => p,
                 Err(_) => break,
             },
-            _ = shared.drain.cancelled() => break,
+            _ = stop.cancelled() => break,
         };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shared.drain.cancelled() => break,
+            _ = stop.cancelled() => break,
         };
         match accepted {
             Ok((stream, peer)) => {

@@ -27,6 +27,10 @@ pub const UPSTREAM_RETRIES_REFUSED_TOTAL: &str = "gatehouse_upstream_retries_ref
 pub const UPSTREAM_QUEUED_TOTAL: &str = "gatehouse_upstream_queued_total";
 pub const UPSTREAM_SATURATED_TOTAL: &str = "gatehouse_upstream_saturated_total";
 pub const UPSTREAM_PENDING: &str = "gatehouse_upstream_pending";
+pub const CONFIG_RELOADS_TOTAL: &str = "gatehouse_config_reloads_total";
+pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "gatehouse_config_last_reload_successful";
+pub const CONFIG_LOADED_TIMESTAMP_SECONDS: &str = "gatehouse_config_loaded_timestamp_seconds";
+pub const CONFIG_GENERATION: &str = "gatehouse_config_generation";
 pub const SERVER_STATE: &str = "gatehouse_upstream_server_state";
 pub const SERVER_IN_FLIGHT: &str = "gatehouse_upstream_server_in_flight";
 pub const SERVER_LATENCY_EWMA_SECONDS: &str = "gatehouse_upstream_server_latency_ewma_seconds";
@@ -529,6 +533,51 @@ pub fn render_servers(out: &mut String, snapshot: &Snapshot) {
             }
         }
     }
+}
+
+/// How reloads went: counts by result, whether the last one worked, when the config in force
+/// was loaded (the names Prometheus itself uses for the same facts, with our prefix).
+pub fn render_reloads(out: &mut String, status: &crate::reload::Status) {
+    header(out, CONFIG_RELOADS_TOTAL, "counter", "Config reloads, by result.");
+    let _ = writeln!(
+        out,
+        "{CONFIG_RELOADS_TOTAL}{{result=\"success\"}} {}",
+        status.reloads_ok
+    );
+    let _ = writeln!(
+        out,
+        "{CONFIG_RELOADS_TOTAL}{{result=\"failure\"}} {}",
+        status.reloads_failed
+    );
+    header(
+        out,
+        CONFIG_LAST_RELOAD_SUCCESSFUL,
+        "gauge",
+        "1 if the last reload put its config in force (or none was tried), 0 if it failed.",
+    );
+    let _ = writeln!(
+        out,
+        "{CONFIG_LAST_RELOAD_SUCCESSFUL} {}",
+        u8::from(status.last_error.is_none())
+    );
+    header(
+        out,
+        CONFIG_LOADED_TIMESTAMP_SECONDS,
+        "gauge",
+        "When the config in force was loaded, in seconds since the Unix epoch.",
+    );
+    let loaded = status
+        .loaded_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let _ = writeln!(out, "{CONFIG_LOADED_TIMESTAMP_SECONDS} {loaded}");
+    header(
+        out,
+        CONFIG_GENERATION,
+        "gauge",
+        "1 for the config loaded at start, one more for each successful reload.",
+    );
+    let _ = writeln!(out, "{CONFIG_GENERATION} {}", status.generation);
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
