@@ -18,8 +18,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Shared;
-use crate::reload::{ReloadError, Reloader};
 use crate::balance::Algorithm;
+use crate::reload::{ReloadError, Reloader};
 use crate::upstream::state;
 
 /// The Prometheus text exposition format this API speaks, as scrapers expect to see it.

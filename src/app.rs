@@ -91,9 +91,8 @@ impl Gatehouse {
     /// current tokio runtime. The file is read again on every reload.
     pub async fn start(config_path: &Path) -> Result<Gatehouse, StartError> {
         let metrics = Arc::new(Metrics::default());
-        let text = std::fs::read_to_string(config_path).map_err(|e| {
-            ConfigError::at_start(config_path, format!("cannot read file: {e}"))
-        })?;
+        let text = std::fs::read_to_string(config_path)
+            .map_err(|e| ConfigError::at_start(config_path, format!("cannot read file: {e}")))?;
         let snapshot = config::load_str(config_path, &text, &metrics)?;
         Gatehouse::start_from(Some(config_path.to_owned()), text.into(), snapshot, metrics).await
     }

@@ -538,7 +538,12 @@ pub fn render_servers(out: &mut String, snapshot: &Snapshot) {
 /// How reloads went: counts by result, whether the last one worked, when the config in force
 /// was loaded (the names Prometheus itself uses for the same facts, with our prefix).
 pub fn render_reloads(out: &mut String, status: &crate::reload::Status) {
-    header(out, CONFIG_RELOADS_TOTAL, "counter", "Config reloads, by result.");
+    header(
+        out,
+        CONFIG_RELOADS_TOTAL,
+        "counter",
+        "Config reloads, by result.",
+    );
     let _ = writeln!(
         out,
         "{CONFIG_RELOADS_TOTAL}{{result=\"success\"}} {}",

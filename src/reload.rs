@@ -200,7 +200,10 @@ impl Reloader {
         // Everything that can fail happens before anything changes.
         let mut fresh = Vec::new();
         {
-            let running = self.listeners.lock().unwrap_or_else(PoisonError::into_inner);
+            let running = self
+                .listeners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             for l in &snapshot.listeners {
                 let kept = running
                     .iter()
@@ -239,9 +242,15 @@ impl Reloader {
 
         // Listeners that are gone or moved stop accepting; their connections finish.
         {
-            let mut running = self.listeners.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut running = self
+                .listeners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             running.retain(|r| {
-                let keep = snapshot.listeners.iter().find(|l| l.name == r.name && l.listen == r.listen);
+                let keep = snapshot
+                    .listeners
+                    .iter()
+                    .find(|l| l.name == r.name && l.listen == r.listen);
                 match keep {
                     Some(l) => {
                         adjust_cap(r, l.max_connections);
@@ -266,11 +275,13 @@ impl Reloader {
         }
         for (name, listen, cap, held) in fresh {
             if held {
-                let socket = bind_when_free(listen).await.map_err(|error| ReloadError::Bind {
-                    name: name.clone(),
-                    addr: listen,
-                    error,
-                })?;
+                let socket = bind_when_free(listen)
+                    .await
+                    .map_err(|error| ReloadError::Bind {
+                        name: name.clone(),
+                        addr: listen,
+                        error,
+                    })?;
                 report.listeners_added.push(name.clone());
                 self.run_listener(name, listen, cap, socket);
             }
@@ -308,7 +319,10 @@ impl Reloader {
             Arc::clone(&self.shared),
             self.connections.clone(),
         ));
-        let mut running = self.listeners.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut running = self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         running.push(Running {
             name,
             listen,
@@ -343,7 +357,10 @@ impl Reloader {
 
     /// The bound address of the listener `name`.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        let running = self.listeners.lock().unwrap_or_else(PoisonError::into_inner);
+        let running = self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         running.iter().find(|r| r.name == name).map(|r| r.local)
     }
 

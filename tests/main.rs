@@ -29,6 +29,8 @@ mod errors;
 mod health;
 #[path = "suite/pooling.rs"]
 mod pooling;
+#[path = "suite/reload.rs"]
+mod reload;
 #[path = "suite/resilience.rs"]
 mod resilience;
 #[path = "suite/routing.rs"]

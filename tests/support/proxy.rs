@@ -77,6 +77,32 @@ impl Proxy {
         self.gatehouse.as_ref().and_then(|g| g.listener_addr(name))
     }
 
+    /// The config file Gatehouse was started from (and reloads).
+    pub fn config_path(&self) -> &std::path::Path {
+        self.config.path()
+    }
+
+    /// Replaces the config file with `BASE_CONFIG` followed by `tables`; `reload` puts it in force.
+    pub fn rewrite(&self, tables: &str) {
+        self.rewrite_toml(&format!("{BASE_CONFIG}{tables}"));
+    }
+
+    /// Replaces the config file with exactly `toml`.
+    pub fn rewrite_toml(&self, toml: &str) {
+        std::fs::write(self.config.path(), toml).expect("rewriting the config file");
+    }
+
+    /// `POST /reload` on the admin API; returns (status, body).
+    pub async fn reload(&self) -> (u16, String) {
+        let resp = super::client()
+            .post(self.admin_url("/reload"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST /reload: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.text().await.expect("reload body"))
+    }
+
     /// Begins a graceful shutdown without waiting for it.
     pub fn shutdown(&self) {
         if let Some(g) = &self.gatehouse {
