@@ -99,7 +99,10 @@ async fn reload(State(state): State<AdminState>) -> Response {
         Err(e) => {
             let status = match e {
                 ReloadError::Config(_) => StatusCode::BAD_REQUEST,
-                ReloadError::Bind { .. } | ReloadError::NoFile => StatusCode::CONFLICT,
+                ReloadError::Bind { .. }
+                | ReloadError::NoFile
+                | ReloadError::HandedOff
+                | ReloadError::HandoffInProgress => StatusCode::CONFLICT,
             };
             let body = ReloadFailed {
                 error: "the config was not reloaded; the previous one stays in force",

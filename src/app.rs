@@ -1,13 +1,16 @@
 //! Builds the shared state, starts the listeners (through `reload.rs`, which also swaps in new
 //! configs) and the admin API, and drains on shutdown.
 //!
-//! Neighbours: `cli.rs` calls `Gatehouse::start_with` inside the runtime it built; everything on
-//! the request path reaches the running state through `Shared`.
+//! Neighbours: `cli.rs` calls `Gatehouse::start_from` inside the runtime it built; everything on
+//! the request path reaches the running state through `Shared`. A binary upgrade (`handoff.rs`)
+//! starts the new process from the old one's sockets (`Inherited`), and ends the old one with
+//! `finish_handoff` instead of `shutdown` and `wait`.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -18,9 +21,10 @@ use crate::access_log::AccessLog;
 use crate::admin::{self, AdminState};
 use crate::config::snapshot::Snapshot;
 use crate::config::{self, ConfigError};
+use crate::handoff::Handover;
 use crate::listener;
 use crate::metrics::Metrics;
-use crate::reload::{ReloadError, ReloadReport, Reloader};
+use crate::reload::{self, FdSlot, InheritedListener, ReloadError, ReloadReport, Reloader};
 use crate::upstream::Pool;
 
 /// State every connection task shares.
@@ -60,6 +64,29 @@ impl Shared {
         self.draining.store(true, Ordering::Relaxed);
         self.drain.cancel();
     }
+
+    /// The polite first half of a drain after a handoff: every response from now on says
+    /// `Connection: close`, but idle keep-alive connections are not closed yet. A client that
+    /// sends its next request is answered and told to reconnect (to the new process); only one
+    /// that stays idle is closed later, by `start_drain`. Closing an idle connection races with
+    /// a request the client may be sending at that instant, which it would then see fail.
+    pub fn end_keep_alive(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How long, after a handoff, the old process waits for its keep-alive clients to send their
+/// next request (answered with `Connection: close`) before it closes the connections still idle.
+/// Capped by `shutdown_grace`.
+pub const HANDOFF_IDLE_CLOSE: Duration = Duration::from_secs(2);
+
+/// Listening sockets inherited from the process this one takes over from (`handoff.rs`).
+#[derive(Debug, Default)]
+pub struct Inherited {
+    /// Each listener's name and configured address in the old process, and its socket.
+    pub listeners: Vec<InheritedListener>,
+    /// The admin API's configured address in the old process, and its socket.
+    pub admin: Option<(SocketAddr, std::net::TcpListener)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +111,12 @@ pub struct Gatehouse {
     connections: TaskTracker,
     background: TaskTracker,
     stop_background: CancellationToken,
+    /// Stops the admin API alone (a handoff), before the background tasks stop.
+    admin_stop: CancellationToken,
+    /// The admin API's configured address and a copy of its socket, for a handoff.
+    admin_fd: Option<(SocketAddr, FdSlot)>,
+    /// Cancelled once a new process has taken the sockets over.
+    handed_off: CancellationToken,
 }
 
 impl Gatehouse {
@@ -94,7 +127,14 @@ impl Gatehouse {
         let text = std::fs::read_to_string(config_path)
             .map_err(|e| ConfigError::at_start(config_path, format!("cannot read file: {e}")))?;
         let snapshot = config::load_str(config_path, &text, &metrics)?;
-        Gatehouse::start_from(Some(config_path.to_owned()), text.into(), snapshot, metrics).await
+        Gatehouse::start_from(
+            Some(config_path.to_owned()),
+            text.into(),
+            snapshot,
+            metrics,
+            Inherited::default(),
+        )
+        .await
     }
 
     /// Starts serving an already compiled config (whose metrics came from `metrics`); such a
@@ -103,19 +143,34 @@ impl Gatehouse {
         snapshot: Snapshot,
         metrics: Arc<Metrics>,
     ) -> Result<Gatehouse, StartError> {
-        Gatehouse::start_from(None, Arc::from(""), snapshot, metrics).await
+        Gatehouse::start_from(None, Arc::from(""), snapshot, metrics, Inherited::default()).await
     }
 
-    /// Starts serving `snapshot`, compiled from `text` read from `path`.
+    /// Starts serving `snapshot`, compiled from `text` read from `path`, on the `inherited`
+    /// sockets that its listeners and admin API still want and on new ones for the rest.
     pub async fn start_from(
         path: Option<PathBuf>,
         text: Arc<str>,
         snapshot: Snapshot,
         metrics: Arc<Metrics>,
+        inherited: Inherited,
     ) -> Result<Gatehouse, StartError> {
         let access_log =
             AccessLog::start(&snapshot.log, Arc::clone(&metrics)).map_err(StartError::AccessLog)?;
         let admin_listen = snapshot.admin.as_ref().map(|a| a.listen);
+        // The admin socket comes first: the listeners then start accepting only once nothing
+        // else can fail (a takeover that fails must not have taken connections it then drops).
+        let admin_socket = match admin_listen {
+            Some(addr) => Some((addr, admin_socket(addr, inherited.admin)?)),
+            None => {
+                if let Some((listen, _)) = inherited.admin {
+                    tracing::info!(
+                        "the old process's admin API ({listen}) is not in this config: closed"
+                    );
+                }
+                None
+            }
+        };
         let shared = Arc::new(Shared::new(snapshot, Arc::clone(&metrics), access_log));
         let connections = TaskTracker::new();
         let background = TaskTracker::new();
@@ -127,41 +182,30 @@ impl Gatehouse {
             connections.clone(),
             background.clone(),
             stop_background.clone(),
+            inherited.listeners,
         )
         .await?;
-        let admin_socket = match admin_listen {
-            Some(addr) => match listener::bind(addr) {
-                Ok(socket) => Some(socket),
-                Err(error) => {
-                    // The listeners are already accepting: close them again.
-                    shared.start_drain();
-                    stop_background.cancel();
-                    return Err(StartError::Bind {
-                        what: "admin API".into(),
-                        addr,
-                        error,
-                    });
-                }
-            },
-            None => None,
-        };
-        let admin = match admin_socket {
-            Some(socket) => {
+        let admin_stop = stop_background.child_token();
+        let (admin, admin_fd) = match admin_socket {
+            Some((listen, socket)) => {
                 let addr = socket.local_addr().unwrap_or_else(|_| unspecified());
                 tracing::info!("admin API listening on {addr}");
                 let state = AdminState {
                     shared: Arc::clone(&shared),
                     reloader: Some(Arc::clone(&reloader)),
                 };
-                let stop = stop_background.clone();
+                let fd: FdSlot = Arc::new(Mutex::new(socket.as_fd().try_clone_to_owned().ok()));
+                let slot = Arc::clone(&fd);
+                let stop = admin_stop.clone();
                 background.spawn(async move {
                     if let Err(e) = admin::serve(socket, state, stop).await {
                         tracing::error!(error = %e, "admin API stopped");
                     }
+                    slot.lock().unwrap_or_else(PoisonError::into_inner).take();
                 });
-                Some(addr)
+                (Some(addr), Some((listen, fd)))
             }
-            None => None,
+            None => (None, None),
         };
         let reaper_shared = Arc::clone(&shared);
         let stop = stop_background.clone();
@@ -182,7 +226,26 @@ impl Gatehouse {
             connections,
             background,
             stop_background,
+            admin_stop,
+            admin_fd,
+            handed_off: CancellationToken::new(),
         })
+    }
+
+    /// What the handoff server needs to give this process's sockets to a new process.
+    pub fn handover(&self) -> Handover {
+        Handover::new(
+            Arc::clone(&self.shared),
+            Arc::clone(&self.reloader),
+            self.admin_fd.clone(),
+            self.admin_stop.clone(),
+            self.handed_off.clone(),
+        )
+    }
+
+    /// Cancelled once a new process has taken this one's sockets over.
+    pub fn handed_off(&self) -> CancellationToken {
+        self.handed_off.clone()
     }
 
     /// Reads the config file again and puts it in force if it is good; see `reload.rs`.
@@ -212,8 +275,27 @@ impl Gatehouse {
     /// has run out.
     pub async fn wait(self) {
         self.shared.drain.cancelled().await;
-        self.connections.close();
         let grace = self.shared.config.load().timeouts.shutdown_grace;
+        self.finish(grace).await;
+    }
+
+    /// Ends the process a new one has taken over from (its accept loops have already stopped):
+    /// busy connections finish their request with `Connection: close`; keep-alive clients get
+    /// `HANDOFF_IDLE_CLOSE` to send one more request (answered the same way) before the idle
+    /// ones are closed; all within `shutdown_grace`.
+    pub async fn finish_handoff(self) {
+        let grace = self.shared.config.load().timeouts.shutdown_grace;
+        let started = tokio::time::Instant::now();
+        self.shared.end_keep_alive();
+        self.connections.close();
+        let polite = grace.min(HANDOFF_IDLE_CLOSE);
+        let _ = tokio::time::timeout(polite, self.connections.wait()).await;
+        self.shared.start_drain();
+        self.finish(grace.saturating_sub(started.elapsed())).await;
+    }
+
+    async fn finish(self, grace: Duration) {
+        self.connections.close();
         if tokio::time::timeout(grace, self.connections.wait())
             .await
             .is_err()
@@ -226,6 +308,31 @@ impl Gatehouse {
         self.stop_background.cancel();
         self.background.close();
         self.background.wait().await;
+    }
+}
+
+/// The admin API's socket: the inherited one when it was configured on the same address, else a
+/// new one.
+fn admin_socket(
+    addr: SocketAddr,
+    inherited: Option<(SocketAddr, std::net::TcpListener)>,
+) -> Result<tokio::net::TcpListener, StartError> {
+    let bind_error = |what: &str, error| StartError::Bind {
+        what: what.into(),
+        addr,
+        error,
+    };
+    match inherited {
+        Some((listen, socket)) if listen == addr => {
+            tracing::info!("took over the socket of the admin API");
+            reload::adopt(socket).map_err(|e| bind_error("admin API (socket taken over)", e))
+        }
+        other => {
+            if let Some((listen, _)) = other {
+                tracing::info!("the old process's admin API ({listen}) moved to {addr}: closed");
+            }
+            listener::bind(addr).map_err(|e| bind_error("admin API", e))
+        }
     }
 }
 

@@ -30,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod deadline;
+pub mod handoff;
 pub mod http1;
 pub mod listener;
 pub mod metrics;

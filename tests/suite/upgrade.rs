@@ -1,0 +1,687 @@
+//! Binary upgrade: a new process takes the listening sockets over from the running one through
+//! the upgrade socket, so no connection is refused and no request fails; the old one finishes
+//! what it has in flight and exits 0. All with the real binary, on reserved ports.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tempfile::{NamedTempFile, TempDir};
+
+use crate::support::proxy::write_config;
+use crate::support::raw::RawConn;
+use crate::support::{
+    client, closed_port, poll_until, reserved_listener, route_toml, upstream_toml, within,
+    HttpUpstream,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
+
+fn respond(body: &str) -> String {
+    format!("[[route]]\npath = \"/\"\nrespond = {{ status = 200, body = \"{body}\" }}\n")
+}
+
+/// The addresses a line of processes shares, one after the other: the web listener, the admin
+/// API and the upgrade socket.
+struct Site {
+    web: SocketAddr,
+    admin: SocketAddr,
+    socket: PathBuf,
+    _dir: TempDir,
+}
+
+impl Site {
+    fn new() -> Site {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        Site {
+            web: closed_port(),
+            admin: closed_port(),
+            socket: dir.path().join("upgrade.sock"),
+            _dir: dir,
+        }
+    }
+
+    fn toml(&self, tables: &str) -> String {
+        format!(
+            "[log]\naccess = false\n\n[admin]\nlisten = \"{}\"\n\n\
+             [timeouts]\nshutdown_grace = \"20s\"\n\n\
+             [[listener]]\nname = \"web\"\nlisten = \"{}\"\n\n{tables}",
+            self.admin, self.web
+        )
+    }
+
+    fn config(&self, tables: &str) -> NamedTempFile {
+        write_config(&self.toml(tables))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.web)
+    }
+
+    async fn wait_up(&self) {
+        let up = poll_until(Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(self.web)
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        assert!(up.is_some(), "nothing listened on {}", self.web);
+    }
+
+    /// Polls `GET /` until it answers `want`.
+    async fn wait_body(&self, want: &str) -> bool {
+        let url = self.url("/");
+        poll_until(Duration::from_secs(30), || {
+            let url = url.clone();
+            async move {
+                let r = client().get(&url).send().await.ok()?;
+                (r.text().await.ok()? == want).then_some(())
+            }
+        })
+        .await
+        .is_some()
+    }
+}
+
+async fn body(url: &str) -> String {
+    let r = client()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert_eq!(r.status(), 200);
+    r.text().await.expect("body")
+}
+
+/// `gatehouse run` as a child, its stderr collected; killed on drop if still running.
+struct Gh {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Gh {
+    fn run(config: &Path, socket: Option<&Path>, takeover: bool) -> Gh {
+        Gh::run_with(config, socket, takeover, &[])
+    }
+
+    fn run_with(config: &Path, socket: Option<&Path>, takeover: bool, env: &[(&str, &Path)]) -> Gh {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "-c"]).arg(config);
+        if let Some(socket) = socket {
+            cmd.arg("--upgrade-socket").arg(socket);
+        }
+        if takeover {
+            cmd.arg("--takeover");
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning gatehouse run");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Gh { child, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    async fn wait_log(&self, needle: &str) -> bool {
+        poll_until(Duration::from_secs(30), || async {
+            self.log().contains(needle).then_some(())
+        })
+        .await
+        .is_some()
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn signal(&self, name: &str) {
+        kill(name, self.pid());
+    }
+
+    /// Waits for the process to exit by itself; its exit code.
+    async fn exit_code(&mut self) -> Option<i32> {
+        let exited = poll_until(Duration::from_secs(30), || {
+            let status = self.child.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await;
+        exited.and_then(|s| s.code())
+    }
+}
+
+impl Drop for Gh {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn kill(signal: &str, pid: u32) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Runs the binary to its end (a takeover expected to fail); bounded by a timeout.
+async fn run_to_end(args: Vec<std::ffi::OsString>) -> Output {
+    let run = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(&args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running gatehouse")
+    });
+    within("gatehouse run to exit", run)
+        .await
+        .expect("the runner thread")
+}
+
+fn takeover_args(config: &Path, socket: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "run".into(),
+        "-c".into(),
+        config.into(),
+        "--upgrade-socket".into(),
+        socket.into(),
+        "--takeover".into(),
+    ]
+}
+
+/// Clients sending keep-alive requests back to back, each answer counted and checked.
+struct Load {
+    done: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(url: String, clients: usize, answers: &'static [&'static str]) -> Load {
+        let done = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (done, sent, url) = (Arc::clone(&done), Arc::clone(&sent), url.clone());
+                tokio::spawn(async move {
+                    let client = client();
+                    let mut failures = Vec::new();
+                    // Bounded: stops when told, or after 200,000 requests.
+                    for _ in 0..200_000 {
+                        if done.load(SeqCst) {
+                            break;
+                        }
+                        match client.get(&url).send().await {
+                            Ok(r) if r.status() == 200 => match r.text().await {
+                                Ok(text) if answers.contains(&text.as_str()) => {}
+                                Ok(text) => failures.push(format!("body {text:?}")),
+                                Err(e) => failures.push(format!("body error {e:?}")),
+                            },
+                            Ok(r) => failures.push(format!("status {}", r.status())),
+                            Err(e) => failures.push(format!("error {e:?}")),
+                        }
+                        sent.fetch_add(1, SeqCst);
+                    }
+                    failures
+                })
+            })
+            .collect();
+        Load { done, sent, tasks }
+    }
+
+    fn sent(&self) -> usize {
+        self.sent.load(SeqCst)
+    }
+
+    /// Waits until `n` more requests have been answered.
+    async fn let_through(&self, n: usize) {
+        let seen = self.sent();
+        let through = poll_until(Duration::from_secs(20), || async {
+            (self.sent() >= seen + n).then_some(())
+        })
+        .await;
+        assert!(
+            through.is_some(),
+            "the load stalled at {} requests",
+            self.sent()
+        );
+    }
+
+    /// Stops the clients; every failure they saw.
+    async fn stop(self) -> (usize, Vec<String>) {
+        self.done.store(true, SeqCst);
+        let mut failures = Vec::new();
+        for t in self.tasks {
+            failures.extend(within("a load task to stop", t).await.expect("load task"));
+        }
+        (self.sent.load(SeqCst), failures)
+    }
+}
+
+/// Three upgrades in a row (old, new, newer, newest) under steady keep-alive load: not one
+/// request may fail, and each process exits 0 once the next one has taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_upgrades_under_load_refuse_and_fail_nothing() {
+    const NAMES: &[&str] = &["old", "new", "newer", "newest"];
+    let site = Site::new();
+    let configs: Vec<NamedTempFile> = NAMES.iter().map(|n| site.config(&respond(n))).collect();
+    let mut current = Gh::run(configs[0].path(), Some(&site.socket), false);
+    site.wait_up().await;
+    assert_eq!(body(&site.url("/")).await, "old");
+
+    let load = Load::start(site.url("/load"), 6, NAMES);
+    let mut upgrades = 0;
+    for (i, config) in configs.iter().enumerate().skip(1) {
+        load.let_through(500).await;
+        let mut next = Gh::run(config.path(), Some(&site.socket), true);
+        assert!(
+            site.wait_body(NAMES[i]).await,
+            "upgrade {i}: never answered {:?}\nold:\n{}\nnew:\n{}",
+            NAMES[i],
+            current.log(),
+            next.log()
+        );
+        assert_eq!(
+            current.exit_code().await,
+            Some(0),
+            "upgrade {i}: the old process did not exit 0:\n{}",
+            current.log()
+        );
+        assert!(
+            next.running(),
+            "upgrade {i}: the new process died:\n{}",
+            next.log()
+        );
+        upgrades += 1;
+        current = next;
+    }
+    load.let_through(500).await;
+    let (total, failures) = load.stop().await;
+    println!(
+        "figure upgrade-under-load: {total} requests, {} failed, {upgrades} upgrades",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {total} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+    current.signal("TERM");
+    assert_eq!(current.exit_code().await, Some(0), "{}", current.log());
+    assert!(
+        !site.socket.exists(),
+        "the last process leaves the upgrade socket behind"
+    );
+}
+
+const SLOW_BODY: &str = "slow response, complete\n";
+
+/// A request the old process is still serving when the new one takes over finishes there, with
+/// `Connection: close`, even though it outlasts the window idle connections get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_at_the_old_process_finishes_with_connection_close() {
+    let up = HttpUpstream::delayed(Duration::from_millis(3000), SLOW_BODY).await;
+    let site = Site::new();
+    let tables = |name: &str| {
+        format!(
+            "{}{}{}",
+            upstream_toml("app", &[up.addr()]),
+            route_toml("/slow", "app"),
+            respond(name)
+        )
+    };
+    let (a, b) = (site.config(&tables("old")), site.config(&tables("new")));
+    let mut old = Gh::run(a.path(), Some(&site.socket), false);
+    site.wait_up().await;
+    let mut conn = RawConn::connect(site.web).await;
+    conn.send(b"GET /slow HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await;
+    up.wait_for_requests(1).await;
+
+    let mut new = Gh::run(b.path(), Some(&site.socket), true);
+    assert!(
+        old.wait_log("handed the listening sockets over").await,
+        "no handoff:\n{}\n{}",
+        old.log(),
+        new.log()
+    );
+    assert_eq!(body(&site.url("/")).await, "new");
+    let resp = conn.read_response(false).await;
+    assert_eq!(resp.status, 200, "{}", resp.head);
+    assert_eq!(resp.body_text(), SLOW_BODY);
+    assert!(
+        resp.connection_has("close"),
+        "the old process's last response must carry Connection: close:\n{}",
+        resp.head
+    );
+    assert!(
+        conn.closed_within(Duration::from_secs(10)).await,
+        "the connection stays open after Connection: close"
+    );
+    assert_eq!(old.exit_code().await, Some(0), "{}", old.log());
+    assert!(new.running());
+    new.signal("TERM");
+    assert_eq!(new.exit_code().await, Some(0), "{}", new.log());
+}
+
+/// A takeover that cannot start (a broken config; a listener it cannot bind) exits 1 and says
+/// why, and the old process goes on as if nothing happened: it serves, reloads, and can still be
+/// taken over; the process that does take over reloads its adopted sockets like its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_that_cannot_start_exits_1_and_the_old_process_keeps_serving() {
+    let site = Site::new();
+    let a = site.config(&respond("old"));
+    let mut old = Gh::run(a.path(), Some(&site.socket), false);
+    site.wait_up().await;
+
+    let broken_text = site.toml("[[route]]\npath = \"/\"\nrespond = { status = 99 }\n");
+    let line = broken_text
+        .lines()
+        .position(|l| l.starts_with("respond = { status = 99"))
+        .expect("the broken line")
+        + 1;
+    let broken = write_config(&broken_text);
+    let out = run_to_end(takeover_args(broken.path(), &site.socket)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let at = format!("{}:{line}:22: ", broken.path().display());
+    assert!(stderr.contains(&at), "no {at} in:\n{stderr}");
+    assert!(
+        stderr.contains("respond.status must be between 200 and 599"),
+        "{stderr}"
+    );
+    assert_eq!(body(&site.url("/")).await, "old");
+    assert!(old.running());
+
+    // It compiles, but one of its listeners cannot bind: the takeover is called off.
+    let blocker = reserved_listener();
+    let taken = blocker.local_addr().expect("blocker address");
+    let cannot_bind = site.config(&format!(
+        "[[listener]]\nname = \"extra\"\nlisten = \"{taken}\"\n\n{}",
+        respond("new")
+    ));
+    let out = run_to_end(takeover_args(cannot_bind.path(), &site.socket)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {taken}")),
+        "{stderr}"
+    );
+    assert!(
+        old.wait_log("could not start, so this process keeps serving")
+            .await,
+        "{}",
+        old.log()
+    );
+    assert_eq!(body(&site.url("/")).await, "old");
+
+    // Reloads were only held while the takeover was tried.
+    std::fs::write(a.path(), site.toml(&respond("old, reloaded"))).expect("rewrite");
+    old.signal("HUP");
+    assert!(site.wait_body("old, reloaded").await, "{}", old.log());
+
+    // And a good takeover still works.
+    let b = site.config(&respond("new"));
+    let mut new = Gh::run(b.path(), Some(&site.socket), true);
+    assert!(site.wait_body("new").await, "{}\n{}", old.log(), new.log());
+    assert_eq!(old.exit_code().await, Some(0), "{}", old.log());
+
+    // The new process reloads on the admin socket it took over; the adopted listener stays.
+    std::fs::write(b.path(), site.toml(&respond("new, reloaded"))).expect("rewrite");
+    let r = client()
+        .post(format!("http://{}/reload", site.admin))
+        .send()
+        .await
+        .expect("POST /reload");
+    assert_eq!(r.status(), 200);
+    let report: serde_json::Value =
+        serde_json::from_str(&r.text().await.expect("report")).expect("JSON report");
+    assert_eq!(report["listeners_added"], serde_json::json!([]), "{report}");
+    assert_eq!(
+        report["listeners_removed"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    assert_eq!(body(&site.url("/")).await, "new, reloaded");
+    new.signal("TERM");
+    assert_eq!(new.exit_code().await, Some(0), "{}", new.log());
+    drop(blocker);
+}
+
+/// The Unix sockets process `pid` listens on: (inode, path) for each of its descriptors that
+/// /proc/net/unix lists with `__SO_ACCEPTCON`.
+fn listening_unix_sockets(pid: u32) -> Vec<String> {
+    let mut inodes = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/PID/fd") {
+        let Ok(target) = std::fs::read_link(entry.expect("fd entry").path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+        {
+            inodes.insert(inode.to_owned());
+        }
+    }
+    let table = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let flags = u32::from_str_radix(cols.get(3)?, 16).ok()?;
+            let inode = cols.get(6)?;
+            (flags & 0x0001_0000 != 0 && inodes.contains(*inode))
+                .then(|| cols.get(7).copied().unwrap_or("").to_owned())
+        })
+        .collect()
+}
+
+/// Handoff is opt-in: without `--upgrade-socket` no Unix socket listens. With it, exactly that
+/// one does, and a second process started afresh on it is refused. `--takeover` with no process
+/// on the socket fails clearly and binds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_is_opt_in_and_a_takeover_needs_a_running_process() {
+    let site = Site::new();
+    let a = site.config(&respond("hi"));
+    let mut plain = Gh::run(a.path(), None, false);
+    site.wait_up().await;
+    assert_eq!(body(&site.url("/")).await, "hi");
+    assert_eq!(
+        listening_unix_sockets(plain.pid()),
+        Vec::<String>::new(),
+        "a process without --upgrade-socket listens on a Unix socket"
+    );
+    plain.signal("TERM");
+    assert_eq!(plain.exit_code().await, Some(0), "{}", plain.log());
+
+    let mut with = Gh::run(a.path(), Some(&site.socket), false);
+    site.wait_up().await;
+    assert_eq!(
+        listening_unix_sockets(with.pid()),
+        vec![site.socket.display().to_string()]
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&site.socket)
+            .expect("socket")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the upgrade socket is open to others");
+    // A second process started afresh on the same socket: refused, pointing at --takeover.
+    let again = run_to_end(vec![
+        "run".into(),
+        "-c".into(),
+        a.path().into(),
+        "--upgrade-socket".into(),
+        site.socket.clone().into(),
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--takeover"), "{stderr}");
+    assert_eq!(body(&site.url("/")).await, "hi");
+    with.signal("TERM");
+    assert_eq!(with.exit_code().await, Some(0), "{}", with.log());
+    assert!(
+        !site.socket.exists(),
+        "the socket file outlives its process"
+    );
+
+    // Nothing at the path.
+    let out = run_to_end(takeover_args(a.path(), &site.socket)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no such socket: no gatehouse runs with --upgrade-socket"),
+        "{stderr}"
+    );
+    // A socket file left over by a process that is gone.
+    drop(std::os::unix::net::UnixListener::bind(&site.socket).expect("a stale socket"));
+    let out = run_to_end(takeover_args(a.path(), &site.socket)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("nothing listens there"), "{stderr}");
+    assert!(
+        tokio::net::TcpStream::connect(site.web).await.is_err(),
+        "a failed takeover listened anyway"
+    );
+    // `--takeover` alone is a usage error.
+    let out = run_to_end(vec![
+        "run".into(),
+        "-c".into(),
+        a.path().into(),
+        "--takeover".into(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    // A fresh start replaces the stale socket file.
+    let mut fresh = Gh::run(a.path(), Some(&site.socket), false);
+    site.wait_up().await;
+    assert!(
+        fresh
+            .wait_log("removing the socket of a process that is gone")
+            .await
+    );
+    fresh.signal("TERM");
+    assert_eq!(fresh.exit_code().await, Some(0), "{}", fresh.log());
+}
+
+/// Kills a process that is not our child (it was started by one) if the test fails early.
+struct PidGuard(Option<u32>);
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// True once process `pid` is gone (or a zombie waiting for a reaper that is not us).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// As under systemd (`Type=notify`, contrib/gatehouse.service): the process says READY=1 once
+/// listening; SIGUSR2 makes it start its own binary with `--takeover` (so the new one runs in
+/// the service's cgroup), and once that one has taken over, it names it the main process
+/// (MAINPID=) and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_starts_the_new_binary_and_names_it_the_main_process() {
+    let site = Site::new();
+    let notify_dir = tempfile::tempdir().expect("a temp dir");
+    let notify_path = notify_dir.path().join("notify");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path).expect("a notify socket");
+    let recv = || async {
+        let mut buf = [0u8; 512];
+        let n = within("a systemd notification", notify.recv(&mut buf))
+            .await
+            .expect("recv");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let a = site.config(&respond("before"));
+    let mut old = Gh::run_with(
+        a.path(),
+        Some(&site.socket),
+        false,
+        &[("NOTIFY_SOCKET", &notify_path)],
+    );
+    assert_eq!(recv().await, "READY=1");
+    site.wait_up().await;
+    assert_eq!(body(&site.url("/")).await, "before");
+
+    // A new binary that cannot start (here: the file broken meanwhile) changes nothing, and
+    // the next SIGUSR2 tries again.
+    std::fs::write(a.path(), "[[route]]\npath = 3\n").expect("rewrite");
+    old.signal("USR2");
+    assert!(
+        old.wait_log("ended (exit status: 1); this process keeps serving")
+            .await,
+        "{}",
+        old.log()
+    );
+    assert_eq!(body(&site.url("/")).await, "before");
+
+    // The upgrade reads the same file, as a package upgrade leaves it.
+    std::fs::write(a.path(), site.toml(&respond("after"))).expect("rewrite");
+    old.signal("USR2");
+    let said = recv().await;
+    let new_pid: u32 = said
+        .strip_prefix("MAINPID=")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("expected MAINPID=, got {said:?}\n{}", old.log()));
+    let mut guard = PidGuard(Some(new_pid));
+    assert_ne!(new_pid, old.pid());
+    assert!(site.wait_body("after").await, "{}", old.log());
+    assert_eq!(old.exit_code().await, Some(0), "{}", old.log());
+    assert_eq!(body(&site.url("/")).await, "after");
+
+    kill("TERM", new_pid);
+    let stopped = poll_until(Duration::from_secs(30), || async {
+        gone(new_pid).then_some(())
+    })
+    .await;
+    assert!(stopped.is_some(), "the new process did not stop on SIGTERM");
+    guard.0 = None;
+    assert!(tokio::net::TcpStream::connect(site.web).await.is_err());
+}
