@@ -41,3 +41,5 @@ mod shutdown;
 mod smuggling;
 #[path = "suite/streaming.rs"]
 mod streaming;
+#[path = "suite/websocket.rs"]
+mod websocket;

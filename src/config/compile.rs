@@ -49,6 +49,7 @@ mod defaults {
     pub const UPSTREAM_READ: Duration = Duration::from_secs(60);
     pub const UPSTREAM_WRITE: Duration = Duration::from_secs(60);
     pub const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+    pub const TUNNEL_IDLE: Duration = Duration::from_secs(3600);
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
     pub const MAX_HEADER_BYTES: u64 = 16 * 1024;
@@ -304,6 +305,7 @@ impl Checker<'_> {
             upstream_read,
             upstream_write,
             upstream_idle,
+            tunnel_idle,
             shutdown_grace,
         } = t;
         Globals {
@@ -319,6 +321,7 @@ impl Checker<'_> {
                 read: self.duration(upstream_read, defaults::UPSTREAM_READ),
                 write: self.duration(upstream_write, defaults::UPSTREAM_WRITE),
                 idle: self.duration(upstream_idle, defaults::UPSTREAM_IDLE),
+                tunnel_idle: self.duration(tunnel_idle, defaults::TUNNEL_IDLE),
             },
         }
     }
@@ -524,9 +527,10 @@ impl Checker<'_> {
                 response_header,
                 upstream_read,
                 upstream_write,
+                tunnel_idle,
             } = timeouts.unwrap_or_default();
             let client_body_timeout = self.duration(client_body, globals.client_body);
-            let overrides = [response_header, upstream_read, upstream_write];
+            let overrides = [response_header, upstream_read, upstream_write, tunnel_idle];
             let (action, upstream_timeouts) = match (upstream, respond) {
                 (Some(u), Some(r)) => {
                     let later = if u.span().start > r.span().start {
@@ -553,7 +557,12 @@ impl Checker<'_> {
                 },
                 (None, Some(r)) => {
                     // These only time the exchange with an upstream, which this route never has.
-                    let keys = ["response_header", "upstream_read", "upstream_write"];
+                    let keys = [
+                        "response_header",
+                        "upstream_read",
+                        "upstream_write",
+                        "tunnel_idle",
+                    ];
                     for (key, value) in keys.into_iter().zip(overrides) {
                         if let Some(v) = value {
                             let message = format!(
@@ -639,7 +648,7 @@ impl Checker<'_> {
         &mut self,
         upstream: &Spanned<String>,
         upstreams: &[Upstream],
-        [response_header, read, write]: [Option<Spanned<DurationValue>>; 3],
+        [response_header, read, write, tunnel_idle]: [Option<Spanned<DurationValue>>; 4],
     ) -> Option<(UpstreamId, UpstreamTimeouts)> {
         let Some(i) = upstreams.iter().position(|u| &u.name == upstream.get_ref()) else {
             let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
@@ -665,6 +674,7 @@ impl Checker<'_> {
             read: self.duration(read, base.read),
             write: self.duration(write, base.write),
             idle: base.idle,
+            tunnel_idle: self.duration(tunnel_idle, base.tunnel_idle),
         };
         Some((UpstreamId(i), timeouts))
     }

@@ -68,6 +68,7 @@ pub struct GlobalTimeouts {
     pub upstream_read: Option<Spanned<DurationValue>>,
     pub upstream_write: Option<Spanned<DurationValue>>,
     pub upstream_idle: Option<Spanned<DurationValue>>,
+    pub tunnel_idle: Option<Spanned<DurationValue>>,
     pub shutdown_grace: Option<Spanned<DurationValue>>,
 }
 
@@ -193,6 +194,7 @@ pub struct UpstreamTimeoutsSection {
     pub read: Option<Spanned<DurationValue>>,
     pub write: Option<Spanned<DurationValue>>,
     pub idle: Option<Spanned<DurationValue>>,
+    pub tunnel_idle: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,6 +227,7 @@ pub struct RouteTimeoutsSection {
     pub response_header: Option<Spanned<DurationValue>>,
     pub upstream_read: Option<Spanned<DurationValue>>,
     pub upstream_write: Option<Spanned<DurationValue>>,
+    pub tunnel_idle: Option<Spanned<DurationValue>>,
 }
 
 /// A duration as written: an integer (seconds) or a string such as `"500ms"`. Parsed, with its

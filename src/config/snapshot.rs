@@ -243,6 +243,8 @@ pub struct UpstreamTimeouts {
     pub write: Duration,
     /// How long an unused pooled connection is kept.
     pub idle: Duration,
+    /// Longest silence, both ways, on a connection that switched protocols (WebSocket).
+    pub tunnel_idle: Duration,
 }
 
 #[derive(Debug)]
