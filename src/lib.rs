@@ -36,4 +36,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod router;
+pub mod tls;
 pub mod upstream;

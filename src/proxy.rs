@@ -208,7 +208,11 @@ async fn forward(
     let peer_ip = std::sync::Arc::clone(&client.peer_ip);
     let fwd = Forwarded {
         client_ip: &peer_ip,
-        proto: b"http",
+        proto: if client.stream.is_tls() {
+            b"https"
+        } else {
+            b"http"
+        },
     };
     // A request that cannot be tried again gets its whole response_header time: cutting it at
     // the per-try limit would only turn a slow answer into a 504.

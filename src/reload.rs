@@ -314,6 +314,7 @@ impl Reloader {
         let stop = self.shared.drain.child_token();
         tokio::spawn(listener::accept_loop(
             socket,
+            name.as_str().into(),
             Arc::clone(&permits),
             stop.clone(),
             Arc::clone(&self.shared),

@@ -25,11 +25,12 @@ use super::error::{line_col, Problem};
 use super::file::{
     AccessValue, DurationValue, FileConfig, GlobalTimeouts, LimitsSection, ListenerSection,
     LogSection, ResolverSection, RespondSection, RouteSection, RouteTimeoutsSection, SizeValue,
+    TlsCertSection, TlsValue,
 };
 use super::snapshot::{
     AccessTarget, AdminSettings, ConnLimits, ConnTimeouts, FixedResponse, HostMatch,
     ListenerSettings, LogFormat, LogSettings, ResolverSettings, Route, RouteAction, ServerHost,
-    Snapshot, Targets, Upstream, UpstreamId, UpstreamTimeouts,
+    Snapshot, Targets, TlsSettings, Upstream, UpstreamId, UpstreamTimeouts,
 };
 use super::values;
 use crate::metrics::{Metrics, RouteMetrics};
@@ -326,6 +327,56 @@ impl Checker<'_> {
         }
     }
 
+    /// Reads and checks every certificate and key now, so that `check` names a missing, bad or
+    /// mismatched file, and builds the listener's TLS config from them.
+    fn tls(&mut self, tls: Spanned<TlsValue>) -> Option<TlsSettings> {
+        let span = tls.span();
+        let entries: Vec<(TlsCertSection, Range<usize>)> = match tls.into_inner() {
+            TlsValue::One(one) => vec![(one, span.clone())],
+            TlsValue::Many(many) => many
+                .into_iter()
+                .map(|m| {
+                    let s = m.span();
+                    (m.into_inner(), s)
+                })
+                .collect(),
+        };
+        if entries.is_empty() {
+            self.report(span, "tls is an empty list: give at least one { cert, key }");
+            return None;
+        }
+        let mut loaded = Vec::with_capacity(entries.len());
+        for (TlsCertSection { cert, key }, _) in entries {
+            let files = crate::tls::CertFiles {
+                cert: cert.get_ref().clone(),
+                key: key.get_ref().clone(),
+            };
+            match crate::tls::load(&files) {
+                Ok(l) => loaded.push(l),
+                Err(e) => {
+                    // Point at the file the problem is in.
+                    let at = match e {
+                        crate::tls::TlsError::Read { what: "key", .. }
+                        | crate::tls::TlsError::NoKey { .. }
+                        | crate::tls::TlsError::BadKey { .. } => key.span(),
+                        _ => cert.span(),
+                    };
+                    self.report(at, e.to_string());
+                }
+            }
+        }
+        if !self.problems.is_empty() {
+            return None;
+        }
+        match crate::tls::server_config(loaded) {
+            Ok(config) => Some(TlsSettings(config)),
+            Err(e) => {
+                self.report(span, e.to_string());
+                None
+            }
+        }
+    }
+
     fn resolver(&mut self, r: ResolverSection) -> ResolverSettings {
         let ResolverSection {
             nameservers,
@@ -409,7 +460,9 @@ impl Checker<'_> {
                 name,
                 listen,
                 max_connections,
+                tls,
             } = l.into_inner();
+            let tls = tls.and_then(|t| self.tls(t));
             self.check(name.span(), values::name("listener", name.get_ref()));
             if let Some(first) = names.get(name.get_ref()) {
                 let message = format!(
@@ -444,6 +497,7 @@ impl Checker<'_> {
                 name: name.into_inner(),
                 listen: addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
                 max_connections,
+                tls,
             });
         }
         if let Some((admin, span)) = admin {

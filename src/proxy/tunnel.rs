@@ -25,8 +25,8 @@ pub struct Moved {
 /// nothing moved for `idle`. `early_up` and `early_down` are bytes already read past the
 /// heads (the client may send its first frames right behind the request; the upstream right
 /// behind the 101): they go first.
-pub async fn run(
-    client: &mut TcpStream,
+pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
     upstream: &mut TcpStream,
     early_up: &[u8],
     early_down: &[u8],
@@ -42,7 +42,7 @@ pub async fn run(
     }
     moved.to_upstream = early_up.len() as u64;
     moved.to_client = early_down.len() as u64;
-    let (mut client_read, mut client_write) = client.split();
+    let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut up_read, mut up_write) = upstream.split();
     let both = async {
         tokio::join!(
