@@ -209,7 +209,8 @@ async fn start_tls(
     connected: Instant,
 ) -> bool {
     let timeout = shared.config.load().timeouts.client_header;
-    let ClientStream::Plain(tcp) = std::mem::replace(&mut client.stream, ClientStream::Closed) else {
+    let ClientStream::Plain(tcp) = std::mem::replace(&mut client.stream, ClientStream::Closed)
+    else {
         return false;
     };
     let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);

@@ -59,7 +59,9 @@ pub struct LoadedCert {
 
 impl fmt::Debug for LoadedCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoadedCert").field("path", &self.path).finish()
+        f.debug_struct("LoadedCert")
+            .field("path", &self.path)
+            .finish()
     }
 }
 

@@ -342,7 +342,10 @@ impl Checker<'_> {
                 .collect(),
         };
         if entries.is_empty() {
-            self.report(span, "tls is an empty list: give at least one { cert, key }");
+            self.report(
+                span,
+                "tls is an empty list: give at least one { cert, key }",
+            );
             return None;
         }
         let mut loaded = Vec::with_capacity(entries.len());

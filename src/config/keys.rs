@@ -52,10 +52,7 @@ pub(crate) static ROOT: Node = Node::Struct {
             "listener",
             Node::Array(&Node::Struct {
                 fields: fields_of::<ListenerSection>,
-                children: &[(
-                    "tls",
-                    Node::OneOrMany(&leaf(fields_of::<TlsCertSection>)),
-                )],
+                children: &[("tls", Node::OneOrMany(&leaf(fields_of::<TlsCertSection>)))],
             }),
         ),
         (
