@@ -21,6 +21,10 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+mod stream;
+
+pub use stream::ClientStream;
+
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
 use crate::config::snapshot::ConnLimits;
@@ -34,7 +38,7 @@ const HEAD_BUF: usize = 4096;
 
 /// A client connection and the buffers its requests reuse.
 pub struct Client {
-    pub stream: TcpStream,
+    pub stream: ClientStream,
     pub peer: SocketAddr,
     /// The peer's IP as text, formatted once for X-Forwarded-For.
     pub peer_ip: Arc<[u8]>,
@@ -77,12 +81,13 @@ pub fn serve(
     peer: SocketAddr,
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> impl std::future::Future<Output = ()> {
     let _ = stream.set_nodelay(true);
     shared.metrics.connection_opened();
     let connected = Instant::now();
     let mut client = Client {
-        stream,
+        stream: ClientStream::Plain(stream),
         peer,
         peer_ip: peer.ip().to_string().into_bytes().into(),
         buf: BytesMut::new(),
@@ -90,6 +95,14 @@ pub fn serve(
         up_buf: BytesMut::new(),
     };
     async move {
+        if let Some(tls) = tls {
+            // Boxed like the exchange below: the handshake's state is large and short-lived.
+            if !Box::pin(start_tls(&mut client, tls, &shared, connected)).await {
+                shared.metrics.connection_closed();
+                drop(permit);
+                return;
+            }
+        }
         let mut first = true;
         let linger = loop {
             if client.buf.is_empty() {
@@ -187,26 +200,70 @@ async fn read_head(
     }
 }
 
+/// The TLS handshake, bounded by the header timeout; false when it failed and the connection
+/// is done.
+async fn start_tls(
+    client: &mut Client,
+    tls: Arc<rustls::ServerConfig>,
+    shared: &Shared,
+    connected: Instant,
+) -> bool {
+    let timeout = shared.config.load().timeouts.client_header;
+    let ClientStream::Plain(tcp) = std::mem::replace(&mut client.stream, ClientStream::Closed)
+    else {
+        return false;
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
+    match tokio::time::timeout_at(connected + timeout, accept).await {
+        Ok(Ok(stream)) => {
+            client.stream = ClientStream::Tls(Box::new(stream));
+            true
+        }
+        Ok(Err(e)) => {
+            shared.metrics.tls_handshake_failed();
+            tracing::debug!(client = %client.peer, error = %e, "TLS handshake failed");
+            false
+        }
+        Err(_) => {
+            shared.metrics.tls_handshake_failed();
+            tracing::debug!(client = %client.peer, "TLS handshake timed out");
+            false
+        }
+    }
+}
+
 /// Waits, holding no buffer, until the client sends something; then reads it.
 async fn wait_readable(client: &mut Client, until: Instant, shared: &Shared) -> Result<(), NoHead> {
+    let ClientStream::Plain(stream) = &mut client.stream else {
+        // rustls may hold decrypted bytes already: only a read can tell.
+        client.buf.reserve(HEAD_BUF);
+        return tokio::select! {
+            read = client.stream.read_buf(&mut client.buf) => match read {
+                Ok(n) if n > 0 => Ok(()),
+                _ => Err(NoHead::Quiet),
+            },
+            _ = tokio::time::sleep_until(until) => Err(NoHead::Quiet),
+            _ = shared.drain.cancelled() => Err(NoHead::Quiet),
+        };
+    };
     loop {
         // `poll_read_ready` parks the waker in the socket's own registration; `readable()`
         // would put a 150-byte waiter in every idle connection's task.
-        let ready = std::future::poll_fn(|cx| client.stream.poll_read_ready(cx));
+        let ready = std::future::poll_fn(|cx| stream.poll_read_ready(cx));
         tokio::select! {
             ready = ready => ready.map_err(|_| NoHead::Quiet)?,
             _ = tokio::time::sleep_until(until) => return Err(NoHead::Quiet),
             _ = shared.drain.cancelled() => return Err(NoHead::Quiet),
         }
         client.buf.reserve(HEAD_BUF);
-        match client.stream.try_read_buf(&mut client.buf) {
+        match stream.try_read_buf(&mut client.buf) {
             Ok(0) => return Err(NoHead::Quiet),
             Ok(_) => {
                 if client.buf.len() < client.buf.capacity() {
                     // A short read drained the socket. Say so, as tokio's own `poll_read` does,
                     // so the next wait goes straight to epoll instead of first paying for a
                     // read that can only return EAGAIN (one syscall per request saved).
-                    let _ = client.stream.try_io(Interest::READABLE, || {
+                    let _ = stream.try_io(Interest::READABLE, || {
                         Err::<(), _>(io::ErrorKind::WouldBlock.into())
                     });
                 }
@@ -256,7 +313,7 @@ async fn refuse(client: &mut Client, err: ProxyError, shared: &Shared) {
 /// Closes so that the last response is not lost: shut our side, then read and discard what the
 /// client still sends for a short while. Closing with unread bytes would make the kernel send
 /// RST, and a client may then drop the response it has not read yet (nginx's lingering close).
-async fn close_gracefully(stream: &mut TcpStream) {
+async fn close_gracefully(stream: &mut ClientStream) {
     let _ = stream.shutdown().await;
     let mut sink = [0u8; 4096];
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -291,7 +348,7 @@ mod tests {
             .acquire_owned()
             .await
             .unwrap();
-        let task = serve(stream, addr, shared, permit);
+        let task = serve(stream, addr, shared, permit, None);
         assert!(
             std::mem::size_of_val(&task) <= 640,
             "a connection task is {} bytes",

@@ -37,4 +37,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod router;
+pub mod tls;
 pub mod upstream;

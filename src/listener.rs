@@ -39,6 +39,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// hanging. Each connection holds one of `permits` while it lives: the listener's cap.
 pub async fn accept_loop(
     listener: TcpListener,
+    name: Arc<str>,
     permits: Arc<Semaphore>,
     stop: CancellationToken,
     shared: Arc<Shared>,
@@ -58,7 +59,15 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                connections.spawn(conn::serve(stream, peer, Arc::clone(&shared), permit));
+                // Read per connection, so that a reload's new certificates apply to the next one.
+                let tls = shared
+                    .config
+                    .load()
+                    .listeners
+                    .iter()
+                    .find(|l| *l.name == *name)
+                    .and_then(|l| l.tls.as_ref().map(|t| Arc::clone(&t.0)));
+                connections.spawn(conn::serve(stream, peer, Arc::clone(&shared), permit, tls));
             }
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of spinning on the error.

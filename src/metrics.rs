@@ -22,6 +22,7 @@ pub const UPSTREAM_CONNECTIONS_OPENED_TOTAL: &str = "gatehouse_upstream_connecti
 pub const UPSTREAM_CONNECTIONS_REUSED_TOTAL: &str = "gatehouse_upstream_connections_reused_total";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "gatehouse_upstream_errors_total";
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "gatehouse_access_log_dropped_total";
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "gatehouse_tls_handshake_failures_total";
 pub const UPSTREAM_RETRIES_TOTAL: &str = "gatehouse_upstream_retries_total";
 pub const UPSTREAM_RETRIES_REFUSED_TOTAL: &str = "gatehouse_upstream_retries_refused_total";
 pub const UPSTREAM_QUEUED_TOTAL: &str = "gatehouse_upstream_queued_total";
@@ -174,6 +175,7 @@ pub struct Metrics {
     client_connections_total: AtomicU64,
     /// Access-log entries dropped because the writer thread fell behind.
     pub access_log_dropped: AtomicU64,
+    tls_handshake_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -231,6 +233,11 @@ impl Metrics {
     pub fn connection_closed(&self) {
         self.client_connections_active
             .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A TLS handshake that failed or timed out (a scanner, an old client, a wrong port).
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn access_log_entry_dropped(&self) {
@@ -421,6 +428,18 @@ impl Metrics {
                 );
             }
         }
+
+        header(
+            &mut out,
+            TLS_HANDSHAKE_FAILURES_TOTAL,
+            "counter",
+            "TLS handshakes that failed or timed out.",
+        );
+        let _ = writeln!(
+            out,
+            "{TLS_HANDSHAKE_FAILURES_TOTAL} {}",
+            self.tls_handshake_failures.load(Ordering::Relaxed)
+        );
 
         header(
             &mut out,

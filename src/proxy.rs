@@ -16,6 +16,7 @@
 
 mod acquire;
 mod error;
+mod tunnel;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
@@ -207,7 +208,11 @@ async fn forward(
     let peer_ip = std::sync::Arc::clone(&client.peer_ip);
     let fwd = Forwarded {
         client_ip: &peer_ip,
-        proto: b"http",
+        proto: if client.stream.is_tls() {
+            b"https"
+        } else {
+            b"http"
+        },
     };
     // A request that cannot be tried again gets its whole response_header time: cutting it at
     // the per-try limit would only turn a slow answer into a 504.
@@ -349,6 +354,34 @@ async fn forward(
         tracing::debug!(server = %server.address, error = kind.as_str(), "retrying on another server");
     };
 
+    if response.status == 101 {
+        // Only ever read for a request that asked to upgrade (see `read_response_head`).
+        write::switching_protocols(&mut client.out, &response);
+        ex.status = 101;
+        ex.response_started = true;
+        ex.close_announced = true;
+        client
+            .stream
+            .write_all(&client.out)
+            .await
+            .map_err(|_| ProxyError::ClientGone)?;
+        ex.request_done = true;
+        let early_up = client.buf.split();
+        let moved = tunnel::run(
+            &mut client.stream,
+            &mut conn.stream,
+            &early_up,
+            &up_buf,
+            timeouts.tunnel_idle,
+        )
+        .await;
+        ex.bytes_sent = moved.to_client;
+        ex.response_done = true;
+        ex.upstream_time = Some(started.elapsed());
+        up_buf.clear();
+        client.up_buf = up_buf;
+        return Ok(());
+    }
     let (framing, persistence) = plan_response(head, response.framing, shared, ex);
     write::response_head(&mut client.out, &response, framing, persistence);
     if let Some(cookie) = &upstream.balance.sticky_cookie {
@@ -549,7 +582,10 @@ async fn read_response_head(
             Ok(Some(res)) if res.status == 100 => continue,
             Ok(Some(res)) if res.is_informational() => {
                 if res.status == 101 {
-                    // We never forward Upgrade, so a switch of protocols is a broken upstream.
+                    if head.upgrade.is_some() {
+                        return Ok(res);
+                    }
+                    // A switch nobody asked for is a broken upstream.
                     return Err(ProxyError::Upstream(UpstreamErrorKind::BadResponse));
                 }
                 if head.version == Version::Http11 {

@@ -367,6 +367,7 @@ impl Reloader {
         let fd: FdSlot = Arc::new(Mutex::new(socket.as_fd().try_clone_to_owned().ok()));
         let accept = listener::accept_loop(
             socket,
+            name.as_str().into(),
             Arc::clone(&permits),
             stop.clone(),
             Arc::clone(&self.shared),

@@ -43,3 +43,5 @@ mod smuggling;
 mod streaming;
 #[path = "suite/upgrade.rs"]
 mod upgrade;
+#[path = "suite/websocket.rs"]
+mod websocket;

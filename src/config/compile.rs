@@ -25,11 +25,12 @@ use super::error::{line_col, Problem};
 use super::file::{
     AccessValue, DurationValue, FileConfig, GlobalTimeouts, LimitsSection, ListenerSection,
     LogSection, ResolverSection, RespondSection, RouteSection, RouteTimeoutsSection, SizeValue,
+    TlsCertSection, TlsValue,
 };
 use super::snapshot::{
     AccessTarget, AdminSettings, ConnLimits, ConnTimeouts, FixedResponse, HostMatch,
     ListenerSettings, LogFormat, LogSettings, ResolverSettings, Route, RouteAction, ServerHost,
-    Snapshot, Targets, Upstream, UpstreamId, UpstreamTimeouts,
+    Snapshot, Targets, TlsSettings, Upstream, UpstreamId, UpstreamTimeouts,
 };
 use super::values;
 use crate::metrics::{Metrics, RouteMetrics};
@@ -49,6 +50,7 @@ mod defaults {
     pub const UPSTREAM_READ: Duration = Duration::from_secs(60);
     pub const UPSTREAM_WRITE: Duration = Duration::from_secs(60);
     pub const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+    pub const TUNNEL_IDLE: Duration = Duration::from_secs(3600);
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
     pub const MAX_HEADER_BYTES: u64 = 16 * 1024;
@@ -304,6 +306,7 @@ impl Checker<'_> {
             upstream_read,
             upstream_write,
             upstream_idle,
+            tunnel_idle,
             shutdown_grace,
         } = t;
         Globals {
@@ -319,7 +322,61 @@ impl Checker<'_> {
                 read: self.duration(upstream_read, defaults::UPSTREAM_READ),
                 write: self.duration(upstream_write, defaults::UPSTREAM_WRITE),
                 idle: self.duration(upstream_idle, defaults::UPSTREAM_IDLE),
+                tunnel_idle: self.duration(tunnel_idle, defaults::TUNNEL_IDLE),
             },
+        }
+    }
+
+    /// Reads and checks every certificate and key now, so that `check` names a missing, bad or
+    /// mismatched file, and builds the listener's TLS config from them.
+    fn tls(&mut self, tls: Spanned<TlsValue>) -> Option<TlsSettings> {
+        let span = tls.span();
+        let entries: Vec<(TlsCertSection, Range<usize>)> = match tls.into_inner() {
+            TlsValue::One(one) => vec![(one, span.clone())],
+            TlsValue::Many(many) => many
+                .into_iter()
+                .map(|m| {
+                    let s = m.span();
+                    (m.into_inner(), s)
+                })
+                .collect(),
+        };
+        if entries.is_empty() {
+            self.report(
+                span,
+                "tls is an empty list: give at least one { cert, key }",
+            );
+            return None;
+        }
+        let mut loaded = Vec::with_capacity(entries.len());
+        for (TlsCertSection { cert, key }, _) in entries {
+            let files = crate::tls::CertFiles {
+                cert: cert.get_ref().clone(),
+                key: key.get_ref().clone(),
+            };
+            match crate::tls::load(&files) {
+                Ok(l) => loaded.push(l),
+                Err(e) => {
+                    // Point at the file the problem is in.
+                    let at = match e {
+                        crate::tls::TlsError::Read { what: "key", .. }
+                        | crate::tls::TlsError::NoKey { .. }
+                        | crate::tls::TlsError::BadKey { .. } => key.span(),
+                        _ => cert.span(),
+                    };
+                    self.report(at, e.to_string());
+                }
+            }
+        }
+        if !self.problems.is_empty() {
+            return None;
+        }
+        match crate::tls::server_config(loaded) {
+            Ok(config) => Some(TlsSettings(config)),
+            Err(e) => {
+                self.report(span, e.to_string());
+                None
+            }
         }
     }
 
@@ -406,7 +463,9 @@ impl Checker<'_> {
                 name,
                 listen,
                 max_connections,
+                tls,
             } = l.into_inner();
+            let tls = tls.and_then(|t| self.tls(t));
             self.check(name.span(), values::name("listener", name.get_ref()));
             if let Some(first) = names.get(name.get_ref()) {
                 let message = format!(
@@ -441,6 +500,7 @@ impl Checker<'_> {
                 name: name.into_inner(),
                 listen: addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
                 max_connections,
+                tls,
             });
         }
         if let Some((admin, span)) = admin {
@@ -524,9 +584,10 @@ impl Checker<'_> {
                 response_header,
                 upstream_read,
                 upstream_write,
+                tunnel_idle,
             } = timeouts.unwrap_or_default();
             let client_body_timeout = self.duration(client_body, globals.client_body);
-            let overrides = [response_header, upstream_read, upstream_write];
+            let overrides = [response_header, upstream_read, upstream_write, tunnel_idle];
             let (action, upstream_timeouts) = match (upstream, respond) {
                 (Some(u), Some(r)) => {
                     let later = if u.span().start > r.span().start {
@@ -553,7 +614,12 @@ impl Checker<'_> {
                 },
                 (None, Some(r)) => {
                     // These only time the exchange with an upstream, which this route never has.
-                    let keys = ["response_header", "upstream_read", "upstream_write"];
+                    let keys = [
+                        "response_header",
+                        "upstream_read",
+                        "upstream_write",
+                        "tunnel_idle",
+                    ];
                     for (key, value) in keys.into_iter().zip(overrides) {
                         if let Some(v) = value {
                             let message = format!(
@@ -639,7 +705,7 @@ impl Checker<'_> {
         &mut self,
         upstream: &Spanned<String>,
         upstreams: &[Upstream],
-        [response_header, read, write]: [Option<Spanned<DurationValue>>; 3],
+        [response_header, read, write, tunnel_idle]: [Option<Spanned<DurationValue>>; 4],
     ) -> Option<(UpstreamId, UpstreamTimeouts)> {
         let Some(i) = upstreams.iter().position(|u| &u.name == upstream.get_ref()) else {
             let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
@@ -665,6 +731,7 @@ impl Checker<'_> {
             read: self.duration(read, base.read),
             write: self.duration(write, base.write),
             idle: base.idle,
+            tunnel_idle: self.duration(tunnel_idle, base.tunnel_idle),
         };
         Some((UpstreamId(i), timeouts))
     }

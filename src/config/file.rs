@@ -68,6 +68,7 @@ pub struct GlobalTimeouts {
     pub upstream_read: Option<Spanned<DurationValue>>,
     pub upstream_write: Option<Spanned<DurationValue>>,
     pub upstream_idle: Option<Spanned<DurationValue>>,
+    pub tunnel_idle: Option<Spanned<DurationValue>>,
     pub shutdown_grace: Option<Spanned<DurationValue>>,
 }
 
@@ -100,6 +101,23 @@ pub struct ListenerSection {
     pub name: Spanned<String>,
     pub listen: Spanned<String>,
     pub max_connections: Option<Spanned<i64>>,
+    /// `{ cert = "...", key = "..." }`, or a list of them (SNI picks; the first is the default).
+    pub tls: Option<Spanned<TlsValue>>,
+}
+
+#[derive(Debug)]
+pub enum TlsValue {
+    One(TlsCertSection),
+    Many(Vec<Spanned<TlsCertSection>>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCertSection {
+    /// PEM: the certificate, then its chain.
+    pub cert: Spanned<String>,
+    /// PEM: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+    pub key: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +211,7 @@ pub struct UpstreamTimeoutsSection {
     pub read: Option<Spanned<DurationValue>>,
     pub write: Option<Spanned<DurationValue>>,
     pub idle: Option<Spanned<DurationValue>>,
+    pub tunnel_idle: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,6 +244,7 @@ pub struct RouteTimeoutsSection {
     pub response_header: Option<Spanned<DurationValue>>,
     pub upstream_read: Option<Spanned<DurationValue>>,
     pub upstream_write: Option<Spanned<DurationValue>>,
+    pub tunnel_idle: Option<Spanned<DurationValue>>,
 }
 
 /// A duration as written: an integer (seconds) or a string such as `"500ms"`. Parsed, with its
@@ -331,6 +351,29 @@ impl<'de> Deserialize<'de> for StatusValue {
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<StatusValue, E> {
                 Ok(StatusValue::Text(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for TlsValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TlsValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a table { cert = "cert.pem", key = "key.pem" } or a list of them"#)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<TlsValue, A::Error> {
+                let one = TlsCertSection::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(TlsValue::One(one))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<TlsValue, A::Error> {
+                let many = Vec::<Spanned<TlsCertSection>>::deserialize(
+                    de::value::SeqAccessDeserializer::new(seq),
+                )?;
+                Ok(TlsValue::Many(many))
             }
         }
         d.deserialize_any(V)

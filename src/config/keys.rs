@@ -17,7 +17,7 @@ use super::error::Problem;
 use super::file::{
     AdminSection, FileConfig, GlobalTimeouts, HealthCheckSection, LimitsSection, ListenerSection,
     LogSection, OutlierSection, ResolverSection, RespondSection, RetrySection, RouteSection,
-    RouteTimeoutsSection, ServerTable, UpstreamSection, UpstreamTimeoutsSection,
+    RouteTimeoutsSection, ServerTable, TlsCertSection, UpstreamSection, UpstreamTimeoutsSection,
 };
 
 /// The shape of one value in the file, as far as key checking needs it.
@@ -33,6 +33,8 @@ pub(crate) enum Node {
     Map(&'static Node),
     /// An array whose table elements are each a `Node` (other elements are left to serde).
     Array(&'static Node),
+    /// One table that is a `Node`, or an array of them (`tls = {...}` or `tls = [{...}]`).
+    OneOrMany(&'static Node),
 }
 
 const NO_CHILDREN: &[(&str, Node)] = &[];
@@ -46,7 +48,13 @@ pub(crate) static ROOT: Node = Node::Struct {
         ("timeouts", leaf(fields_of::<GlobalTimeouts>)),
         ("limits", leaf(fields_of::<LimitsSection>)),
         ("resolver", leaf(fields_of::<ResolverSection>)),
-        ("listener", Node::Array(&leaf(fields_of::<ListenerSection>))),
+        (
+            "listener",
+            Node::Array(&Node::Struct {
+                fields: fields_of::<ListenerSection>,
+                children: &[("tls", Node::OneOrMany(&leaf(fields_of::<TlsCertSection>)))],
+            }),
+        ),
         (
             "upstream",
             Node::Map(&Node::Struct {
@@ -97,11 +105,12 @@ fn visit(node: &Node, value: &mut DeValue<'_>, problems: &mut Vec<Problem>) {
                 visit(each, v.get_mut(), problems);
             }
         }
-        (Node::Array(each), DeValue::Array(array)) => {
+        (Node::Array(each) | Node::OneOrMany(each), DeValue::Array(array)) => {
             for v in array.iter_mut() {
                 visit(each, v.get_mut(), problems);
             }
         }
+        (Node::OneOrMany(each), DeValue::Table(table)) => visit_table(each, table, problems),
         // A value of the wrong type: serde reports it.
         _ => {}
     }

@@ -81,7 +81,21 @@ pub struct ListenerSettings {
     pub listen: SocketAddr,
     /// Most client connections this listener holds at once; accepting pauses at the cap.
     pub max_connections: usize,
+    /// TLS termination, when the listener has `tls`.
+    pub tls: Option<TlsSettings>,
 }
+
+/// A listener's rustls config; two are equal only when they are the same one.
+#[derive(Debug, Clone)]
+pub struct TlsSettings(pub Arc<rustls::ServerConfig>);
+
+impl PartialEq for TlsSettings {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TlsSettings {}
 
 /// Per-connection limits: they apply before a route is known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +257,8 @@ pub struct UpstreamTimeouts {
     pub write: Duration,
     /// How long an unused pooled connection is kept.
     pub idle: Duration,
+    /// Longest silence, both ways, on a connection that switched protocols (WebSocket).
+    pub tunnel_idle: Duration,
 }
 
 #[derive(Debug)]

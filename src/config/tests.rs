@@ -572,7 +572,7 @@ fn every_unknown_key_is_reported_with_the_other_problems() {
     assert_eq!(
         errors(&text),
         [
-            "4:1: unknown field `colour`, expected one of `name`, `listen`, `max_connections`",
+            "4:1: unknown field `colour`, expected one of `name`, `listen`, `max_connections`, `tls`",
             "7:1: unknown field `flavour`, expected one of `servers`, `keepalive`, `timeouts`, \
              `balance`, `hash_key`, `sticky_cookie`, `slow_start`, `panic_threshold`, \
              `max_conns`, `max_pending`, `queue_timeout`, `health_check`, `outlier`, `retry`",
@@ -669,7 +669,9 @@ fn key_scan_describes_every_table() {
                     check_node(child, &format!("{path}.{name}"));
                 }
             }
-            Node::Map(each) | Node::Array(each) => check_node(each, &format!("{path}[]")),
+            Node::Map(each) | Node::Array(each) | Node::OneOrMany(each) => {
+                check_node(each, &format!("{path}[]"))
+            }
         }
     }
 
@@ -702,12 +704,15 @@ fn key_scan_describes_every_table() {
                     walk(each, value.get_ref(), &format!("{path}[]"), seen);
                 }
             }
-            (Node::Array(each), DeValue::Array(array)) => {
+            (Node::Array(each) | Node::OneOrMany(each), DeValue::Array(array)) => {
                 for value in array.iter() {
                     if let DeValue::Table(_) = value.get_ref() {
                         walk(each, value.get_ref(), &format!("{path}[]"), seen);
                     }
                 }
+            }
+            (Node::OneOrMany(each), DeValue::Table(_)) => {
+                walk(each, value, &format!("{path}[]"), seen)
             }
             _ => panic!("{path} has a shape keys::ROOT does not expect"),
         }

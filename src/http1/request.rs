@@ -93,6 +93,10 @@ pub struct RequestHead {
     pub framing: Framing,
     pub keep_alive: bool,
     pub expect_continue: bool,
+    /// The `Upgrade` field's value when the client asks to switch protocols (RFC 9110 §7.8) to
+    /// something we can tunnel, such as WebSocket: `Connection: upgrade`, HTTP/1.1, no body,
+    /// and not `h2c`, which is never passed upstream (we would have to speak HTTP/2 ourselves).
+    pub upgrade: Option<Span>,
 }
 
 impl RequestHead {
@@ -218,6 +222,7 @@ pub fn parse(buf: &mut BytesMut, limits: &ConnLimits) -> Result<Option<RequestHe
         framing: Framing::Empty,
         keep_alive: true,
         expect_continue: false,
+        upgrade: None,
         raw: Bytes::new(),
     };
     validate(&mut head, base)?;
@@ -244,6 +249,8 @@ fn validate(head: &mut RequestHead, raw: &[u8]) -> Result<(), HeadError> {
     let mut host: Option<Span> = None;
     let mut conn_close = false;
     let mut conn_keep_alive = false;
+    let mut conn_upgrade = false;
+    let mut upgrade: Option<Span> = None;
 
     for field in &head.fields {
         let name = field.name.get(raw);
@@ -290,8 +297,18 @@ fn validate(head: &mut RequestHead, raw: &[u8]) -> Result<(), HeadError> {
                         conn_close = true;
                     } else if token.eq_ignore_ascii_case(b"keep-alive") {
                         conn_keep_alive = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        conn_upgrade = true;
                     }
                 }
+            }
+            FieldKind::Drop if name.eq_ignore_ascii_case(b"upgrade") => {
+                // Two Upgrade fields would be two lists to merge; a client has no need for it.
+                upgrade = if upgrade.is_some() {
+                    return Err(HeadError::Malformed("more than one Upgrade field"));
+                } else {
+                    Some(field.value)
+                };
             }
             FieldKind::Drop if name.eq_ignore_ascii_case(b"expect") => {
                 if trim_ows(value).eq_ignore_ascii_case(b"100-continue") {
@@ -324,6 +341,14 @@ fn validate(head: &mut RequestHead, raw: &[u8]) -> Result<(), HeadError> {
         Version::Http11 => !conn_close,
         Version::Http10 => conn_keep_alive && !conn_close,
     };
+    head.upgrade = upgrade.filter(|value| {
+        conn_upgrade
+            && head.version == Version::Http11
+            && head.framing == Framing::Empty
+            && !value.is_empty()
+            && list_elements(value.get(raw))
+                .all(|p| !p.is_empty() && !p.eq_ignore_ascii_case(b"h2c"))
+    });
 
     // Drop the fields that Connection names (RFC 9110 §7.6.1); they are for this hop only.
     let connection_values: Vec<Span> = head
@@ -556,6 +581,45 @@ mod tests {
         let h = ok("GET / HTTP/1.1\r\nHost: a\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n");
         let f = h.fields.iter().find(|f| h.bytes(f.name) == b"X-Secret");
         assert_eq!(f.map(|f| f.kind), Some(FieldKind::Drop));
+    }
+
+    #[test]
+    fn upgrades_are_recognised_only_when_they_can_be_tunnelled() {
+        let upgrade = |text: &str| {
+            let h = ok(text);
+            h.upgrade
+                .map(|u| String::from_utf8_lossy(h.bytes(u)).into_owned())
+        };
+        let ws = "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        assert_eq!(upgrade(ws).as_deref(), Some("websocket"));
+        // Upgrade without the Connection token, h2c, HTTP/1.0, or a body: no tunnel.
+        assert_eq!(
+            upgrade("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n"),
+            None
+        );
+        assert_eq!(
+            upgrade("GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"),
+            None
+        );
+        assert_eq!(
+            upgrade(
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: foo, h2c\r\n\r\n"
+            ),
+            None
+        );
+        assert_eq!(
+            upgrade(
+                "GET / HTTP/1.0\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+            ),
+            None
+        );
+        assert_eq!(
+            upgrade("POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 1\r\n\r\nx"),
+            None
+        );
+        malformed(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: a\r\nUpgrade: b\r\n\r\n",
+        );
     }
 
     #[test]

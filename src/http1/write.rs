@@ -83,6 +83,11 @@ pub fn request_head(out: &mut Vec<u8>, head: &RequestHead, fwd: Forwarded<'_>, f
             FieldKind::Host | FieldKind::XForwardedOther | FieldKind::Drop => {}
         }
     }
+    if let Some(upgrade) = head.upgrade {
+        // The switch is asked of the next hop again: Connection and Upgrade are hop-by-hop.
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+        field(out, b"Upgrade", upgrade.get(raw));
+    }
     // One X-Forwarded-For line with the client appended: several lines would be joined
     // differently by different upstream frameworks, and some read only the first.
     out.extend_from_slice(b"X-Forwarded-For: ");
@@ -152,6 +157,31 @@ pub fn response_head(
     if !head.is_informational() {
         framing_field(out, framing);
         persistence_field(out, persistence);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A 101 (Switching Protocols) for the client: the upstream's fields, and its Upgrade value
+/// with `Connection: upgrade`, both hop-by-hop and so written anew.
+pub fn switching_protocols(out: &mut Vec<u8>, head: &ResponseHead) {
+    let raw = &head.raw[..];
+    out.clear();
+    out.reserve(raw.len() + 64);
+    status_line(out, head.status, head.bytes(head.reason));
+    let mut upgrade = None;
+    for f in &head.fields {
+        match f.kind {
+            FieldKind::Drop if f.name.get(raw).eq_ignore_ascii_case(b"upgrade") => {
+                upgrade = Some(f.value.get(raw));
+            }
+            FieldKind::Drop | FieldKind::ContentLength => {}
+            _ => copy(out, raw, f),
+        }
+    }
+    field(out, b"Via", VIA);
+    out.extend_from_slice(b"Connection: upgrade\r\n");
+    if let Some(value) = upgrade {
+        field(out, b"Upgrade", value);
     }
     out.extend_from_slice(b"\r\n");
 }

@@ -137,6 +137,7 @@ impl Checker<'_> {
             read,
             write,
             idle,
+            tunnel_idle,
         } = timeouts.unwrap_or_default();
         let g = globals.upstream;
         let timeouts = UpstreamTimeouts {
@@ -145,6 +146,7 @@ impl Checker<'_> {
             read: self.duration(read, g.read),
             write: self.duration(write, g.write),
             idle: self.duration(idle, g.idle),
+            tunnel_idle: self.duration(tunnel_idle, g.tunnel_idle),
         };
         let algorithm = self.algorithm(&name, balance, hash_key);
         let sticky_cookie = sticky_cookie.and_then(|c| {
