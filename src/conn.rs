@@ -238,6 +238,9 @@ async fn wait_readable(client: &mut Client, until: Instant, shared: &Shared) -> 
         // rustls may hold decrypted bytes already: only a read can tell.
         client.buf.reserve(HEAD_BUF);
         return tokio::select! {
+            // Biased, here and below: a request that has arrived is read and answered before a
+            // drain closes the connection; closing on it would fail that request.
+            biased;
             read = client.stream.read_buf(&mut client.buf) => match read {
                 Ok(n) if n > 0 => Ok(()),
                 _ => Err(NoHead::Quiet),
@@ -251,6 +254,7 @@ async fn wait_readable(client: &mut Client, until: Instant, shared: &Shared) -> 
         // would put a 150-byte waiter in every idle connection's task.
         let ready = std::future::poll_fn(|cx| stream.poll_read_ready(cx));
         tokio::select! {
+            biased;
             ready = ready => ready.map_err(|_| NoHead::Quiet)?,
             _ = tokio::time::sleep_until(until) => return Err(NoHead::Quiet),
             _ = shared.drain.cancelled() => return Err(NoHead::Quiet),

@@ -102,11 +102,11 @@ pub async fn handle(
         tracing::debug!(client = %client.peer, status = ex.status, error = %err, "request failed");
     }
     finish(client, head, route.map(|r| &**r), shared, &ex, started);
-    let keep_alive = head.keep_alive
-        && ex.request_done
-        && ex.response_done
-        && !ex.close_announced
-        && !shared.is_draining();
+    // What the response said decides, not whether a drain began meanwhile: a client told the
+    // connection persists may already be sending its next request on it, and closing now would
+    // fail that request. The next response says `Connection: close` instead (`plan_response`),
+    // and an idle connection is closed by the drain (`conn::wait_readable`).
+    let keep_alive = head.keep_alive && ex.request_done && ex.response_done && !ex.close_announced;
     if keep_alive {
         Next::KeepAlive
     } else {
