@@ -27,6 +27,8 @@ mod dns;
 mod errors;
 #[path = "suite/health.rs"]
 mod health;
+#[path = "suite/operations.rs"]
+mod operations;
 #[path = "suite/pooling.rs"]
 mod pooling;
 #[path = "suite/reload.rs"]

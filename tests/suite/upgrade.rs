@@ -6,12 +6,12 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tempfile::{NamedTempFile, TempDir};
 
+use crate::support::load::Load;
 use crate::support::proxy::write_config;
 use crate::support::raw::RawConn;
 use crate::support::{
@@ -220,90 +220,24 @@ fn takeover_args(config: &Path, socket: &Path) -> Vec<std::ffi::OsString> {
     ]
 }
 
-/// Clients sending keep-alive requests back to back, each answer counted and checked.
-struct Load {
-    done: Arc<AtomicBool>,
-    sent: Arc<AtomicUsize>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
-}
-
-impl Load {
-    fn start(url: String, clients: usize, answers: &'static [&'static str]) -> Load {
-        let done = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicUsize::new(0));
-        let tasks = (0..clients)
-            .map(|_| {
-                let (done, sent, url) = (Arc::clone(&done), Arc::clone(&sent), url.clone());
-                tokio::spawn(async move {
-                    let client = client();
-                    let mut failures = Vec::new();
-                    // Bounded: stops when told, or after 200,000 requests.
-                    for _ in 0..200_000 {
-                        if done.load(SeqCst) {
-                            break;
-                        }
-                        match client.get(&url).send().await {
-                            Ok(r) if r.status() == 200 => match r.text().await {
-                                Ok(text) if answers.contains(&text.as_str()) => {}
-                                Ok(text) => failures.push(format!("body {text:?}")),
-                                Err(e) => failures.push(format!("body error {e:?}")),
-                            },
-                            Ok(r) => failures.push(format!("status {}", r.status())),
-                            Err(e) => failures.push(format!("error {e:?}")),
-                        }
-                        sent.fetch_add(1, SeqCst);
-                    }
-                    failures
-                })
-            })
-            .collect();
-        Load { done, sent, tasks }
-    }
-
-    fn sent(&self) -> usize {
-        self.sent.load(SeqCst)
-    }
-
-    /// Waits until `n` more requests have been answered.
-    async fn let_through(&self, n: usize) {
-        let seen = self.sent();
-        let through = poll_until(Duration::from_secs(20), || async {
-            (self.sent() >= seen + n).then_some(())
-        })
-        .await;
-        assert!(
-            through.is_some(),
-            "the load stalled at {} requests",
-            self.sent()
-        );
-    }
-
-    /// Stops the clients; every failure they saw.
-    async fn stop(self) -> (usize, Vec<String>) {
-        self.done.store(true, SeqCst);
-        let mut failures = Vec::new();
-        for t in self.tasks {
-            failures.extend(within("a load task to stop", t).await.expect("load task"));
-        }
-        (self.sent.load(SeqCst), failures)
-    }
-}
-
-/// Three upgrades in a row (old, new, newer, newest) under steady keep-alive load: not one
-/// request may fail, and each process exits 0 once the next one has taken over.
+/// Upgrades in a row (each process taken over by the next) under steady keep-alive load: not
+/// one request may fail, no connection may be refused or reset, every answer comes from a
+/// config that was in force, and each process exits 0 once the next one has taken over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_upgrades_under_load_refuse_and_fail_nothing() {
-    const NAMES: &[&str] = &["old", "new", "newer", "newest"];
+async fn upgrades_under_load_refuse_and_fail_nothing() {
+    // One config per process; each answers with its own name.
+    const NAMES: &[&str] = &["gen0", "gen1", "gen2", "gen3", "gen4", "gen5"];
+    const CLIENTS: usize = 6;
+    let upgrades = NAMES.len() - 1;
     let site = Site::new();
     let configs: Vec<NamedTempFile> = NAMES.iter().map(|n| site.config(&respond(n))).collect();
     let mut current = Gh::run(configs[0].path(), Some(&site.socket), false);
     site.wait_up().await;
-    assert_eq!(body(&site.url("/")).await, "old");
+    assert_eq!(body(&site.url("/")).await, NAMES[0]);
 
-    let load = Load::start(site.url("/load"), 6, NAMES);
-    let mut upgrades = 0;
+    let load = Load::start(&site.url("/load"), CLIENTS, NAMES);
     for (i, config) in configs.iter().enumerate().skip(1) {
-        load.let_through(500).await;
+        assert!(load.let_through(500).await, "the load stalled");
         let mut next = Gh::run(config.path(), Some(&site.socket), true);
         assert!(
             site.wait_body(NAMES[i]).await,
@@ -323,20 +257,36 @@ async fn three_upgrades_under_load_refuse_and_fail_nothing() {
             "upgrade {i}: the new process died:\n{}",
             next.log()
         );
-        upgrades += 1;
         current = next;
     }
-    load.let_through(500).await;
-    let (total, failures) = load.stop().await;
+    assert!(load.let_through(500).await, "the load stalled");
+    let (tally, elapsed) = load.stop().await;
     println!(
-        "figure upgrade-under-load: {total} requests, {} failed, {upgrades} upgrades",
-        failures.len()
+        "{}",
+        tally.figure(
+            &format!("upgrade x{upgrades}"),
+            "gatehouse",
+            &format!(
+                "upgrades={upgrades} | clients={CLIENTS} | elapsed_ms={}",
+                elapsed.as_millis()
+            )
+        )
     );
+    for e in &tally.examples {
+        println!("detail | gatehouse upgrade | failure: {e}");
+    }
+    assert_eq!(
+        (tally.failed(), tally.refused, tally.reset),
+        (0, 0, 0),
+        "{} of {} failed: {:?}",
+        tally.failed(),
+        tally.sent,
+        tally.examples
+    );
+    // Every process but the last served some of the load before it was taken over.
     assert!(
-        failures.is_empty(),
-        "{} of {total} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
+        tally.count(NAMES[0]) > 0 && tally.count(NAMES[upgrades]) > 0,
+        "{tally:?}"
     );
     current.signal("TERM");
     assert_eq!(current.exit_code().await, Some(0), "{}", current.log());

@@ -6,6 +6,8 @@
 //! - `raw`: raw TCP upstreams that misbehave on purpose, and a raw client for requests that a
 //!   real HTTP client would refuse to send.
 //! - `body`: deterministic large bodies and a checksum to compare them on both ends.
+//! - `load`: bounded keep-alive load that sorts failures (refused, reset, other), for the
+//!   reload and upgrade tests.
 //!
 //! Nothing here sleeps for a fixed time to let something happen: waits are polls bounded by a
 //! timeout, so a slow machine makes the suite slower, never flaky.
@@ -18,6 +20,7 @@ pub mod body;
 pub mod dns;
 pub mod flaky;
 pub mod http_upstream;
+pub mod load;
 pub mod proxy;
 pub mod raw;
 
