@@ -185,8 +185,16 @@ async fn serve(
     };
     if let Some(t) = takeover {
         match t.confirm().await {
-            Ok(listener) => upgrade = Some(listener),
-            Err(e) => tracing::warn!("{e}; binary upgrades are off in this process"),
+            Ok(Ok(listener)) => upgrade = Some(listener),
+            Ok(Err(e)) => tracing::warn!("{e}; binary upgrades are off in this process"),
+            Err(e) => {
+                // Its accept loops stop; the sockets stay open in the old process, so what
+                // waits in their queues is accepted there.
+                tracing::error!("{e}: this process drains and exits; the old one keeps serving");
+                gatehouse.shutdown();
+                gatehouse.wait().await;
+                return Ok(ExitCode::FAILURE);
+            }
         }
     } else {
         // systemd (Type=notify): listening. After a takeover, the old process says MAINPID.

@@ -332,6 +332,11 @@ pub async fn take_over(path: &Path) -> Result<Takeover, String> {
         Ok(Err(e)) => return Err(format!("{shown}: cannot connect: {e}")),
         Err(_) => return Err(format!("{shown}: no answer within {STEP:?}")),
     };
+    // The kernel's word for who listens there, rather than what it says in its offer: the
+    // pid decides, at `confirm`, whether the old process is still running.
+    let peer_pid = rustix::net::sockopt::socket_peercred(&stream)
+        .ok()
+        .and_then(|c| u32::try_from(c.pid.as_raw_pid()).ok());
     let mut conn = Conn::new(stream);
     conn.send(&Message::Hello { version: VERSION }, None)
         .await
@@ -341,7 +346,7 @@ pub async fn take_over(path: &Path) -> Result<Takeover, String> {
             version,
             pid,
             sockets,
-        }) if version == VERSION => (pid, sockets),
+        }) if version == VERSION => (peer_pid.unwrap_or(pid), sockets),
         Some(Message::Offer { version, .. }) => {
             return Err(format!(
                 "{shown}: the running process speaks handoff version {version}, this one \
@@ -423,25 +428,59 @@ impl Takeover {
         let _ = self.conn.send(&abort, None).await;
     }
 
-    /// This process accepts on the sockets now: the old one stops accepting and drains. Returns
-    /// the upgrade socket, inherited too, for the next upgrade.
-    pub async fn confirm(mut self) -> Result<UnixListener, String> {
+    /// This process accepts on the sockets now: the old one stops accepting and drains. On
+    /// success, the upgrade socket (inherited too, for the next upgrade), or why it cannot be
+    /// used. `Err(NotReleased)` when the old process did not let go and still runs (it gave up
+    /// waiting, or broke off): both would then accept on the same sockets, so this one must
+    /// drain and exit instead, and the old one serves on as before.
+    pub async fn confirm(mut self) -> Result<Result<UnixListener, String>, NotReleased> {
         let old = self.old_pid;
-        if let Err(e) = self.conn.send(&Message::Taken, None).await {
-            tracing::warn!("pid {old} did not hear that this process took over: {e}");
-        }
-        match self.conn.recv(STEP).await {
-            Ok(Some(Message::Released)) => {
+        let outcome = match self.conn.send(&Message::Taken, None).await {
+            Err(e) => Err(format!("could not tell it this process took over: {e}")),
+            Ok(()) => match self.conn.recv(STEP).await {
+                Ok(Some(Message::Released)) => Ok(()),
+                Ok(Some(other)) => Err(format!("it answered the takeover with {other:?}")),
+                Ok(None) => Err("it hung up without releasing the sockets".to_owned()),
+                Err(e) => Err(format!("it did not confirm the takeover: {e}")),
+            },
+        };
+        match outcome {
+            Ok(()) => {
                 tracing::info!("took over from pid {old}, which stops accepting and drains");
             }
-            Ok(other) => tracing::warn!("pid {old} answered the takeover with {other:?}"),
-            Err(e) => tracing::warn!("pid {old} did not confirm the takeover: {e}"),
+            Err(why) if is_alive(old) => return Err(NotReleased { pid: old, why }),
+            // It is gone (it released the sockets and exited, or it died): this process is the
+            // only one left, so it serves.
+            Err(why) => tracing::warn!("pid {old}: {why}; it has exited, so this process serves"),
         }
-        let fd = self
-            .upgrade
-            .ok_or("the old process did not send its upgrade socket")?;
-        to_tokio(std::os::unix::net::UnixListener::from(fd))
-            .map_err(|e| format!("the inherited upgrade socket: {e}"))
+        let upgrade = match self.upgrade {
+            Some(fd) => to_tokio(std::os::unix::net::UnixListener::from(fd))
+                .map_err(|e| format!("the inherited upgrade socket: {e}")),
+            None => Err("the old process did not send its upgrade socket".to_owned()),
+        };
+        Ok(upgrade)
+    }
+}
+
+/// The old process did not let go of the sockets and still runs; see `Takeover::confirm`.
+#[derive(Debug, thiserror::Error)]
+#[error("pid {pid} did not hand the sockets over ({why}) and still serves")]
+pub struct NotReleased {
+    pub pid: u32,
+    pub why: String,
+}
+
+/// Whether process `pid` exists (signal 0; a process of another user counts too).
+fn is_alive(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return false;
+    };
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e == rustix::io::Errno::PERM,
     }
 }
 

@@ -520,7 +520,18 @@ fn take_inherited(
 
 /// An inherited descriptor becomes a tokio listener, once it is known to be a listening socket.
 pub(crate) fn adopt(socket: std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
-    if !socket2::SockRef::from(&socket).is_listener()? {
+    let sock = socket2::SockRef::from(&socket);
+    // An IP socket, not a Unix one that would fail at every accept.
+    if !matches!(
+        sock.domain()?,
+        socket2::Domain::IPV4 | socket2::Domain::IPV6
+    ) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the inherited descriptor is not a TCP socket",
+        ));
+    }
+    if !sock.is_listener()? {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "the inherited descriptor is not a listening socket",
