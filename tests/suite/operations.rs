@@ -1,16 +1,18 @@
-//! Operations under load: 100 config reloads while keep-alive clients keep sending, through
-//! Gatehouse (the real binary, reloaded by SIGHUP and by `POST /reload`) and through nginx
-//! (`nginx -s reload`), side by side on the same backends and the same cadence.
+//! Operations under load, side by side on the same backends and the same cadence while
+//! keep-alive clients keep sending: 100 config reloads through Gatehouse (the real binary,
+//! reloaded by SIGHUP and by `POST /reload`) and through nginx (`nginx -s reload`); and 10
+//! binary upgrades through Gatehouse (`run --upgrade-socket PATH --takeover`) and through nginx
+//! (USR2, WINCH, QUIT: its documented executable upgrade).
 //!
-//! Ignored by default (CI does not install nginx); `bash bench/operations.sh` runs it in a
+//! Ignored by default (CI does not install nginx); `bash bench/operations.sh` runs them in a
 //! release build and writes the figures into `docs/operations.md`. Each proxy prints one line:
 //!
 //! `operations | reload x100 | PROXY | sent=N | failed=N | refused=N | reset=N | other=N | ...`
 //!
 //! The two valid configs route `/` to backend "a" or to backend "b", so every answer says which
 //! config served it; every tenth reload is of a broken config, which must be refused while the
-//! last good one keeps serving. Gatehouse must lose no request (asserted); nginx's figures are
-//! reported as measured.
+//! last good one keeps serving; each upgrade starts the new binary on the other config.
+//! Gatehouse must lose no request (asserted); nginx's figures are reported as measured.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,9 +26,10 @@ use crate::support::{client_with_timeout, closed_port, poll_until};
 /// Concurrent keep-alive clients, each with its own connection pool.
 const CLIENTS: usize = 8;
 const RELOADS: usize = 100;
+const UPGRADES: usize = 10;
 /// Requests that must go through (all clients together) on each config before the next reload.
 const BETWEEN: usize = 100;
-/// The longest one reload may take to be answered or to be in force.
+/// The longest one reload (or one step of an upgrade) may take to be answered or to be in force.
 const RELOAD_LIMIT: Duration = Duration::from_secs(20);
 
 /// Which config a reload puts in the file.
@@ -115,8 +118,9 @@ enum Via {
     Post,
 }
 
-/// The real binary on reserved ports, one worker thread, stderr kept in a file; killed on drop
-/// if it is still running.
+/// The real binary on reserved ports, one worker thread, stderr kept in a file (every process
+/// of a line of upgrades appends to the same one); the current process is killed on drop if it
+/// is still running.
 struct GatehouseBin {
     child: Child,
     web: SocketAddr,
@@ -124,11 +128,18 @@ struct GatehouseBin {
     upstreams: (SocketAddr, SocketAddr),
     config: PathBuf,
     log: PathBuf,
+    /// Serves binary upgrades here, when started for the upgrade test.
+    upgrade_socket: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl GatehouseBin {
     async fn start(a: &Backend, b: &Backend) -> GatehouseBin {
+        GatehouseBin::start_with(a, b, false).await
+    }
+
+    /// With `upgrades`, the process serves binary upgrades on a socket in its temp dir.
+    async fn start_with(a: &Backend, b: &Backend, upgrades: bool) -> GatehouseBin {
         let dir = tempfile::tempdir().expect("gatehouse temp dir");
         let (web, admin) = (closed_port(), closed_port());
         let config = dir.path().join("gatehouse.toml");
@@ -136,16 +147,8 @@ impl GatehouseBin {
         let upstreams = (a.addr(), b.addr());
         std::fs::write(&config, GatehouseBin::toml(web, admin, upstreams, Which::A))
             .expect("writing the config");
-        let stderr = std::fs::File::create(&log).expect("creating the log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-            .args(["run", "-c"])
-            .arg(&config)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawning gatehouse run");
+        let upgrade_socket = upgrades.then(|| dir.path().join("upgrade.sock"));
+        let child = GatehouseBin::spawn(&config, &log, upgrade_socket.as_deref(), false);
         let gh = GatehouseBin {
             child,
             web,
@@ -153,6 +156,7 @@ impl GatehouseBin {
             upstreams,
             config,
             log,
+            upgrade_socket,
             _dir: dir,
         };
         let pid = gh.child.id();
@@ -166,6 +170,65 @@ impl GatehouseBin {
             "gatehouse run never listened on {web} with its signal handlers"
         );
         gh
+    }
+
+    fn spawn(config: &Path, log: &Path, upgrade_socket: Option<&Path>, takeover: bool) -> Child {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("opening the log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
+        cmd.args(["run", "-c"]).arg(config);
+        if let Some(socket) = upgrade_socket {
+            cmd.arg("--upgrade-socket").arg(socket);
+        }
+        if takeover {
+            cmd.arg("--takeover");
+        }
+        cmd.env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawning gatehouse run")
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One binary upgrade, as an operator runs it: the other config in the file, then a new
+    /// `gatehouse run --takeover` on the same upgrade socket. Done when the old process has
+    /// exited (0, asserted) after draining.
+    async fn upgrade(&mut self, which: Which) {
+        self.write(which);
+        let socket = self
+            .upgrade_socket
+            .clone()
+            .expect("started with an upgrade socket");
+        let next = GatehouseBin::spawn(&self.config, &self.log, Some(&socket), true);
+        let mut old = std::mem::replace(&mut self.child, next);
+        let exited = poll_until(RELOAD_LIMIT + Duration::from_secs(30), || {
+            let status = old.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await;
+        if exited.is_none() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        assert_eq!(
+            exited.and_then(|s| s.code()),
+            Some(0),
+            "the old process did not drain and exit 0:\n{}",
+            self.log_text()
+        );
+        assert!(
+            matches!(self.child.try_wait(), Ok(None)),
+            "the new process died:\n{}",
+            self.log_text()
+        );
     }
 
     fn url(&self) -> String {
@@ -289,11 +352,14 @@ fn nginx_binary() -> Option<&'static str> {
         .find(|p| Path::new(p).exists())
 }
 
-/// nginx with its master process (it is the master that a reload signals), one worker, in the
-/// foreground, in its own process group; stopped on drop.
+/// nginx as it runs in production: daemonized, a master process (the one a reload or an upgrade
+/// signals, found in its pid file) and one worker; stopped on drop.
 struct Nginx {
     binary: &'static str,
-    child: Child,
+    /// The master in charge; a binary upgrade replaces it.
+    master: u32,
+    /// The process group of every master and worker (the first master's, which `setsid` made).
+    group: u32,
     port: SocketAddr,
     upstreams: (SocketAddr, SocketAddr),
     dir: tempfile::TempDir,
@@ -301,7 +367,6 @@ struct Nginx {
 
 impl Nginx {
     async fn start(binary: &'static str, a: &Backend, b: &Backend) -> Nginx {
-        use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().expect("nginx temp dir");
         // Workers drop root privileges to nginx's default user: let them into the directory.
         let _ = std::fs::set_permissions(
@@ -315,7 +380,8 @@ impl Nginx {
             Nginx::conf_text(dir.path(), port, upstreams, Which::A),
         )
         .expect("writing nginx.conf");
-        let child = Command::new(binary)
+        // The absolute path matters: a binary upgrade re-executes argv[0].
+        let status = Command::new(binary)
             .arg("-p")
             .arg(dir.path())
             .arg("-c")
@@ -325,24 +391,25 @@ impl Nginx {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
+            .status()
             .expect("starting nginx");
+        assert!(status.success(), "nginx did not start: {status}");
         let pid_file = dir.path().join("nginx.pid");
-        let nginx = Nginx {
+        let master = poll_until(Duration::from_secs(10), || async {
+            let listening = tokio::net::TcpStream::connect(port).await.is_ok();
+            let pid = read_pid(&pid_file)?;
+            listening.then_some(pid)
+        })
+        .await
+        .expect("nginx did not start listening");
+        Nginx {
             binary,
-            child,
+            master,
+            group: master,
             port,
             upstreams,
             dir,
-        };
-        let up = poll_until(Duration::from_secs(10), || async {
-            let listening = tokio::net::TcpStream::connect(port).await.is_ok();
-            (listening && pid_file.exists()).then_some(())
-        })
-        .await;
-        assert!(up.is_some(), "nginx did not start listening");
-        nginx
+        }
     }
 
     fn conf(&self) -> PathBuf {
@@ -373,7 +440,7 @@ impl Nginx {
             Which::Broken => (upstreams.0, "  this_is_not_a_directive on;\n"),
         };
         format!(
-            "worker_processes 1;\ndaemon off;\nmaster_process on;\npid {d}/nginx.pid;\n\
+            "worker_processes 1;\nmaster_process on;\npid {d}/nginx.pid;\n\
              error_log {d}/error.log warn;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  keepalive_timeout 75s;\n{broken}\
@@ -403,26 +470,9 @@ impl Nginx {
             .expect("running nginx -s reload")
     }
 
-    /// The master's worker processes, old and new (from /proc: `PID (COMM) STATE PPID ...`).
+    /// The master's worker processes, old and new.
     fn workers(&self) -> usize {
-        let master = self.child.id();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return 0;
-        };
-        entries
-            .filter_map(Result::ok)
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .bytes()
-                    .all(|b| b.is_ascii_digit())
-            })
-            .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-            .filter(|stat| {
-                let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-                after.split_whitespace().nth(1) == Some(master.to_string().as_str())
-            })
-            .count()
+        children(self.master).len()
     }
 
     /// Waits until the master has a single worker: the old ones have exited.
@@ -465,7 +515,7 @@ impl Nginx {
         if !out.status.success() {
             *refused_by_signaller += 1;
         }
-        signal(self.child.id(), "HUP");
+        signal(self.master, "HUP");
         let refused = poll_until(RELOAD_LIMIT, || async {
             (self.emergencies() > before).then_some(())
         })
@@ -478,24 +528,94 @@ impl Nginx {
     }
 }
 
+impl Nginx {
+    /// nginx's binary upgrade (nginx.org/en/docs/control.html#upgrade), with the other config in
+    /// the file: USR2 makes the master start its binary again, which inherits the listening
+    /// sockets and writes its pid file; WINCH makes the old master's workers finish and exit;
+    /// QUIT ends the old master.
+    async fn upgrade(&mut self, which: Which) {
+        self.write(which);
+        let old = self.master;
+        let pid_file = self.dir.path().join("nginx.pid");
+        signal(old, "USR2");
+        let new = poll_until(RELOAD_LIMIT, || async {
+            let pid = read_pid(&pid_file).filter(|&p| p != old)?;
+            (!children(pid).is_empty()).then_some(pid)
+        })
+        .await
+        .expect("nginx: no new master with a worker after USR2");
+        signal(old, "WINCH");
+        // The old master's children are its workers and the new master.
+        let workers_gone = poll_until(RELOAD_LIMIT, || async {
+            children(old).iter().all(|&p| p == new).then_some(())
+        })
+        .await;
+        assert!(
+            workers_gone.is_some(),
+            "nginx: the old workers did not exit after WINCH"
+        );
+        signal(old, "QUIT");
+        let exited = poll_until(RELOAD_LIMIT, || async { gone(old).then_some(()) }).await;
+        assert!(
+            exited.is_some(),
+            "nginx: the old master did not exit after QUIT"
+        );
+        self.master = new;
+    }
+}
+
+/// The pid in an nginx pid file.
+fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The live (not zombie) children of process `pid`, from /proc: `PID (COMM) STATE PPID ...`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let parent = pid.to_string();
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+                return false;
+            };
+            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let mut fields = after.split_whitespace();
+            let state = fields.next();
+            state != Some("Z") && fields.next() == Some(parent.as_str())
+        })
+        .collect()
+}
+
+/// True once process `pid` is gone, or a zombie (reparented processes may wait for a reaper
+/// that is not us).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM: the master stops its workers, then exits. SIGKILL on the group if it hangs.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            for _ in 0..500 {
-                if !matches!(self.child.try_wait(), Ok(None)) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.master.to_string()])
+            .status();
+        for _ in 0..500 {
+            if gone(self.master) && children(self.master).is_empty() {
+                return;
             }
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", self.child.id())])
-                .status();
-            let _ = self.child.wait();
+            std::thread::sleep(Duration::from_millis(10));
         }
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.group)])
+            .status();
     }
 }
 
@@ -666,5 +786,121 @@ async fn reload_under_load_side_by_side() {
     // nginx's failures are what this measures: only what a client must never see is asserted.
     assert_eq!(t.bad_body, 0, "{:?}", t.examples);
     assert_eq!((run.applied, run.refused), (90, 10));
+    assert!(t.count("a") > 0 && t.count("b") > 0, "{t:?}");
+}
+
+/// What a binary upgrade is done to.
+enum Upgrading {
+    Gatehouse(GatehouseBin),
+    Nginx(Nginx),
+}
+
+/// One proxy's run: load, `UPGRADES` binary upgrades alternating the config, load stopped.
+async fn upgrades_under_load(under: &mut Upgrading) -> Run {
+    let url = match under {
+        Upgrading::Gatehouse(gh) => gh.url(),
+        Upgrading::Nginx(n) => n.url(),
+    };
+    let probe = probe_client();
+    until_serving(&probe, &url, "a").await;
+    let load = Load::start(&url, CLIENTS, &["a", "b"]);
+    // A stall is not asserted here: it shows in the figures.
+    load.let_through(BETWEEN).await;
+    let mut in_force = Vec::new();
+    for i in 0..UPGRADES {
+        let which = if i % 2 == 0 { Which::B } else { Which::A };
+        let started = Instant::now();
+        match under {
+            Upgrading::Gatehouse(gh) => gh.upgrade(which).await,
+            Upgrading::Nginx(n) => n.upgrade(which).await,
+        }
+        until_serving(&probe, &url, which.body()).await;
+        in_force.push(started.elapsed());
+        load.let_through(BETWEEN).await;
+    }
+    let (tally, elapsed) = load.stop().await;
+    Run {
+        tally,
+        elapsed,
+        applied: UPGRADES,
+        refused: 0,
+        in_force,
+    }
+}
+
+/// The figure line of an upgrade run; `done` is from the start of an upgrade to the old process
+/// gone and a new connection served by the new one.
+fn report_upgrades(proxy: &str, run: &Run) {
+    let mut ms: Vec<f64> = run
+        .in_force
+        .iter()
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let p50 = ms.get(ms.len() / 2).copied().unwrap_or_default();
+    let max = ms.last().copied().unwrap_or_default();
+    let t = &run.tally;
+    let extra = format!(
+        "upgrades={} | done_p50_ms={p50:.1} | done_max_ms={max:.1} | served a={} b={} | elapsed_ms={}",
+        run.applied,
+        t.count("a"),
+        t.count("b"),
+        run.elapsed.as_millis()
+    );
+    println!(
+        "{}",
+        t.figure(&format!("upgrade x{UPGRADES}"), proxy, &extra)
+    );
+    for e in &t.examples {
+        println!("detail | {proxy} | failure: {e}");
+    }
+}
+
+/// 10 binary upgrades under 8 keep-alive clients, through Gatehouse (a new process with
+/// `--takeover` each time) and through nginx (USR2, WINCH, QUIT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nginx; run by bench/operations.sh"]
+async fn upgrade_under_load_side_by_side() {
+    let name = "gatehouse --takeover";
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let mut under = Upgrading::Gatehouse(GatehouseBin::start_with(&a, &b, true).await);
+    let run = upgrades_under_load(&mut under).await;
+    report_upgrades(name, &run);
+    let Upgrading::Gatehouse(mut gh) = under else {
+        unreachable!()
+    };
+    let t = &run.tally;
+    assert_eq!(
+        t.failed(),
+        0,
+        "{name}: {} of {} failed: {:?}",
+        t.failed(),
+        t.sent,
+        t.examples
+    );
+    assert!(t.count("a") > 0 && t.count("b") > 0, "{t:?}");
+    signal(gh.child.id(), "TERM");
+    let exited = poll_until(Duration::from_secs(20), || {
+        let status = gh.child.try_wait().ok().flatten();
+        async move { status }
+    })
+    .await;
+    assert_eq!(
+        exited.and_then(|s| s.code()),
+        Some(0),
+        "exit after SIGTERM:\n{}",
+        gh.log_text()
+    );
+
+    let Some(binary) = nginx_binary() else {
+        println!("operations | upgrade x{UPGRADES} | nginx USR2 | not installed");
+        return;
+    };
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let mut under = Upgrading::Nginx(Nginx::start(binary, &a, &b).await);
+    let run = upgrades_under_load(&mut under).await;
+    report_upgrades("nginx USR2+WINCH+QUIT", &run);
+    let t = &run.tally;
+    assert_eq!(t.bad_body, 0, "{:?}", t.examples);
     assert!(t.count("a") > 0 && t.count("b") > 0, "{t:?}");
 }
