@@ -635,3 +635,113 @@ async fn sigusr2_starts_the_new_binary_and_names_it_the_main_process() {
     guard.0 = None;
     assert!(tokio::net::TcpStream::connect(site.web).await.is_err());
 }
+
+/// A self-signed certificate for `localhost`, written as PEM files into `dir`; its DER, for a
+/// client to trust.
+fn certificate(
+    dir: &Path,
+    name: &str,
+) -> (PathBuf, PathBuf, rustls_pki_types::CertificateDer<'static>) {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert, made.cert.pem()).expect("writing the certificate");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("writing the key");
+    (cert, key, made.cert.der().clone())
+}
+
+/// `GET /` over TLS to `addr` as `localhost`, trusting only `root`: the body, or why not.
+async fn tls_get(
+    addr: SocketAddr,
+    root: &rustls_pki_types::CertificateDer<'static>,
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).map_err(|e| e.to_string())?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    // The response ends with the connection; a close without close_notify still ends it.
+    let _ = within("a TLS response", tls.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no response: {text:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("not a 200: {head}"));
+    }
+    Ok(body.to_owned())
+}
+
+/// An inherited listening socket gets the TLS settings of the listener it matches in the new
+/// config: after the upgrade the TLS listener still speaks TLS, with the new config's
+/// certificate, and the plain one beside it stays plain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_taken_over_speaks_tls_with_the_new_certificate() {
+    let site = Site::new();
+    let secure = closed_port();
+    let certs = tempfile::tempdir().expect("a temp dir");
+    let (old_cert, old_key, old_root) = certificate(certs.path(), "old");
+    let (new_cert, new_key, new_root) = certificate(certs.path(), "new");
+    let tables = |name: &str, cert: &Path, key: &Path| {
+        format!(
+            "[[listener]]\nname = \"secure\"\nlisten = \"{secure}\"\n\
+             tls = {{ cert = \"{}\", key = \"{}\" }}\n\n{}",
+            cert.display(),
+            key.display(),
+            respond(name)
+        )
+    };
+    let a = site.config(&tables("old", &old_cert, &old_key));
+    let b = site.config(&tables("new", &new_cert, &new_key));
+    let mut old = Gh::run(a.path(), Some(&site.socket), false);
+    site.wait_up().await;
+    let before = poll_until(Duration::from_secs(20), || async {
+        tls_get(secure, &old_root).await.ok()
+    })
+    .await;
+    assert_eq!(before.as_deref(), Some("old"), "{}", old.log());
+
+    let mut new = Gh::run(b.path(), Some(&site.socket), true);
+    assert!(site.wait_body("new").await, "{}\n{}", old.log(), new.log());
+    assert_eq!(old.exit_code().await, Some(0), "{}", old.log());
+    assert!(
+        new.log()
+            .contains("took over the socket of listener secure"),
+        "{}",
+        new.log()
+    );
+    assert_eq!(tls_get(secure, &new_root).await.as_deref(), Ok("new"));
+    let stale = tls_get(secure, &old_root).await;
+    assert!(
+        stale.as_ref().is_err_and(|e| e.starts_with("handshake")),
+        "the old certificate is still served: {stale:?}"
+    );
+    // Plain HTTP to the TLS listener gets no answer; the plain listener answers plainly.
+    assert!(client()
+        .get(format!("http://{secure}/"))
+        .send()
+        .await
+        .is_err());
+    assert_eq!(body(&site.url("/")).await, "new");
+    new.signal("TERM");
+    assert_eq!(new.exit_code().await, Some(0), "{}", new.log());
+}
