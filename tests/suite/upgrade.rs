@@ -745,3 +745,94 @@ async fn a_tls_listener_taken_over_speaks_tls_with_the_new_certificate() {
     new.signal("TERM");
     assert_eq!(new.exit_code().await, Some(0), "{}", new.log());
 }
+
+/// Sends one handoff line with `fd` attached, as the old process does (`SCM_RIGHTS`).
+fn send_line_with_fd(
+    stream: &std::os::unix::net::UnixStream,
+    line: &str,
+    fd: std::os::fd::BorrowedFd<'_>,
+) {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd];
+    assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+    let iov = [std::io::IoSlice::new(line.as_bytes())];
+    let sent =
+        rustix::net::sendmsg(stream, &iov, &mut control, SendFlags::empty()).expect("sendmsg");
+    assert_eq!(sent, line.len());
+}
+
+/// An old process that sends its sockets, hears "taken", and then hangs up without releasing
+/// them while it still runs (here: this test, playing its part of the exchange): the new
+/// process must not serve beside it. It stops accepting, drains, exits 1 and says why; the
+/// socket stays open and listening in the old process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_the_old_process_does_not_release_drains_and_exits_1() {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let site = Site::new();
+    let web = std::net::TcpListener::bind(site.web).expect("the old process's listener");
+    let upgrade =
+        std::os::unix::net::UnixListener::bind(&site.socket).expect("the old upgrade socket");
+    let config = site.config(&respond("new"));
+    let mut new = Gh::run(config.path(), Some(&site.socket), true);
+
+    let (web_fd, web_addr) = (web.as_fd().try_clone_to_owned().expect("dup"), site.web);
+    let old = std::thread::spawn(move || {
+        let (stream, _) = upgrade.accept().expect("the new process connects");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("a read timeout");
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut hello = String::new();
+        reader.read_line(&mut hello).expect("hello");
+        assert!(hello.contains("\"hello\""), "{hello}");
+        let pid = std::process::id();
+        let mut writer = stream.try_clone().expect("clone");
+        writeln!(
+            writer,
+            "{{\"msg\":\"offer\",\"version\":1,\"pid\":{pid},\"sockets\":2}}"
+        )
+        .expect("offer");
+        send_line_with_fd(
+            &stream,
+            &format!(
+                "{{\"msg\":\"socket\",\"kind\":\"listener\",\"name\":\"web\",\"listen\":\"{web_addr}\"}}\n"
+            ),
+            web_fd.as_fd(),
+        );
+        send_line_with_fd(
+            &stream,
+            "{\"msg\":\"socket\",\"kind\":\"upgrade\",\"name\":\"upgrade\",\"listen\":null}\n",
+            upgrade.as_fd(),
+        );
+        let mut taken = String::new();
+        reader.read_line(&mut taken).expect("taken");
+        taken
+        // Hangs up here, without "released", and this process runs on.
+    });
+    let taken = within(
+        "the fake old process",
+        tokio::task::spawn_blocking(move || old.join()),
+    )
+    .await
+    .expect("join")
+    .expect("the fake old process");
+    assert!(taken.contains("\"taken\""), "{taken}");
+    assert_eq!(new.exit_code().await, Some(1), "{}", new.log());
+    assert!(
+        new.log().contains("did not hand the sockets over")
+            && new.log().contains("this process drains and exits"),
+        "{}",
+        new.log()
+    );
+    // The socket is still open, and listening, here.
+    web.set_nonblocking(false).expect("blocking");
+    let client = std::net::TcpStream::connect(site.web).expect("connect to the old listener");
+    let (accepted, _) = web.accept().expect("accepted by the old process");
+    assert_eq!(
+        accepted.peer_addr().expect("peer"),
+        client.local_addr().expect("local")
+    );
+}
