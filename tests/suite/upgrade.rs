@@ -836,3 +836,30 @@ async fn a_takeover_the_old_process_does_not_release_drains_and_exits_1() {
         client.local_addr().expect("local")
     );
 }
+
+/// A keep-alive connection left idle at the old process when the new one takes over is closed
+/// by the old one (once the window in which its next request would still be answered, with
+/// `Connection: close`, is over), and the old process then exits 0: an idle client holds
+/// nothing up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_and_the_old_process_exits() {
+    let site = Site::new();
+    let (a, b) = (site.config(&respond("old")), site.config(&respond("new")));
+    let mut old = Gh::run(a.path(), Some(&site.socket), false);
+    site.wait_up().await;
+    let mut conn = RawConn::connect(site.web).await;
+    conn.send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    let resp = conn.read_response(false).await;
+    assert_eq!(resp.body_text(), "old");
+    assert!(!resp.connection_has("close"), "{}", resp.head);
+
+    let mut new = Gh::run(b.path(), Some(&site.socket), true);
+    assert!(site.wait_body("new").await, "{}\n{}", old.log(), new.log());
+    assert!(
+        conn.closed_within(Duration::from_secs(20)).await,
+        "the idle connection stays open at the old process"
+    );
+    assert_eq!(old.exit_code().await, Some(0), "{}", old.log());
+    new.signal("TERM");
+    assert_eq!(new.exit_code().await, Some(0), "{}", new.log());
+}
