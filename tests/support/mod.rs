@@ -6,6 +6,7 @@
 //! - `raw`: raw TCP upstreams that misbehave on purpose, and a raw client for requests that a
 //!   real HTTP client would refuse to send.
 //! - `body`: deterministic large bodies and a checksum to compare them on both ends.
+//! - `tls`: self-signed certificates and a TLS client that trusts only the one given.
 //! - `load`: bounded keep-alive load that sorts failures (refused, reset, other), for the
 //!   reload and upgrade tests.
 //!
@@ -23,6 +24,7 @@ pub mod http_upstream;
 pub mod load;
 pub mod proxy;
 pub mod raw;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
