@@ -41,5 +41,7 @@ mod shutdown;
 mod smuggling;
 #[path = "suite/streaming.rs"]
 mod streaming;
+#[path = "suite/tls.rs"]
+mod tls;
 #[path = "suite/websocket.rs"]
 mod websocket;

@@ -15,6 +15,7 @@
 
 pub mod backend;
 pub mod body;
+pub mod certs;
 pub mod dns;
 pub mod flaky;
 pub mod http_upstream;
