@@ -91,9 +91,28 @@ pub fn server_config(certs: Vec<LoadedCert>) -> Result<Arc<ServerConfig>, TlsErr
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config.session_storage = ServerSessionMemoryCache::new(4096);
-    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Config)?;
+    let (sessions, ticketer) = resumption()?;
+    config.session_storage = sessions;
+    config.ticketer = ticketer;
     Ok(Arc::new(config))
+}
+
+type Resumption = (
+    Arc<dyn rustls::server::StoresServerSessions>,
+    Arc<dyn rustls::server::ProducesTickets>,
+);
+
+/// The session cache and ticket keys, one set for the whole process: a reload builds new
+/// server configs, and clients holding a session or ticket from before it should still resume.
+fn resumption() -> Result<Resumption, TlsError> {
+    static SHARED: std::sync::OnceLock<Resumption> = std::sync::OnceLock::new();
+    if let Some(shared) = SHARED.get() {
+        return Ok(shared.clone());
+    }
+    let sessions: Arc<dyn rustls::server::StoresServerSessions> =
+        ServerSessionMemoryCache::new(4096);
+    let ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Config)?;
+    Ok(SHARED.get_or_init(|| (sessions, ticketer)).clone())
 }
 
 fn load_key(
@@ -113,7 +132,7 @@ fn load_key(
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::BadCertificate {
             path: cert_path.to_owned(),
-            error: e.to_string(),
+            error: pem_error(&e),
         })?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate {
@@ -138,6 +157,21 @@ fn load_key(
         key: key_path.to_owned(),
     })?;
     Ok(Arc::new(certified))
+}
+
+/// A PEM error in words: the library's own text shows markers as byte arrays.
+fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "a PEM section has no end line ({})",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => {
+            format!("bad PEM begin line {:?}", String::from_utf8_lossy(line))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Picks a certificate by the name the client asked for: an exact name first, then a wildcard

@@ -13,7 +13,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,6 +86,7 @@ const MAX_WEIGHT: i64 = 1000;
 /// earlier definition in "duplicate" messages.
 pub(crate) fn compile(
     text: &str,
+    base_dir: &Path,
     file: FileConfig,
     metrics: &Metrics,
 ) -> Result<Snapshot, Vec<Problem>> {
@@ -102,6 +103,7 @@ pub(crate) fn compile(
     } = file;
     let mut c = Checker {
         text,
+        base_dir,
         problems: Vec::new(),
     };
 
@@ -180,10 +182,22 @@ struct Limits {
 
 struct Checker<'a> {
     text: &'a str,
+    /// Where relative file names start (see `config::base_dir`).
+    base_dir: &'a Path,
     problems: Vec<Problem>,
 }
 
 impl Checker<'_> {
+    /// A file name from the config, relative ones taken from the config file's directory.
+    fn file_path(&self, name: &str) -> String {
+        let path = Path::new(name);
+        if path.is_absolute() {
+            name.to_owned()
+        } else {
+            self.base_dir.join(path).display().to_string()
+        }
+    }
+
     fn report(&mut self, span: Range<usize>, message: impl Into<String>) {
         self.problems.push(Problem {
             span,
@@ -351,8 +365,8 @@ impl Checker<'_> {
         let mut loaded = Vec::with_capacity(entries.len());
         for (TlsCertSection { cert, key }, _) in entries {
             let files = crate::tls::CertFiles {
-                cert: cert.get_ref().clone(),
-                key: key.get_ref().clone(),
+                cert: self.file_path(cert.get_ref()),
+                key: self.file_path(key.get_ref()),
             };
             match crate::tls::load(&files) {
                 Ok(l) => loaded.push(l),

@@ -266,6 +266,79 @@ async fn a_second_connection_resumes_the_session() {
         let (status, _) = within("GET over TLS", second.get("/")).await;
         assert_eq!(status, 200);
     }
+
+    // A reload builds new TLS configs; sessions and ticket keys outlive it.
+    let client = client_for(&ca, &rustls::version::TLS13);
+    let mut before = connect(proxy.addr(), "gatehouse.test", &client).await;
+    let (status, _) = within("GET over TLS", before.get("/")).await;
+    assert_eq!(status, 200);
+    drop(before);
+    let (status, body) = proxy.reload().await;
+    assert_eq!(status, 200, "{body}");
+    let after = connect(proxy.addr(), "gatehouse.test", &client).await;
+    assert_eq!(
+        after.session().handshake_kind(),
+        Some(HandshakeKind::Resumed),
+        "resumed across a reload"
+    );
+}
+
+/// `openssl s_client` offering only `version` (e.g. `-tls1_1`); true when a handshake was
+/// completed. The machine's OpenSSL must be able to offer that version, so the test below also
+/// checks that it can complete a TLS 1.2 handshake the same way.
+fn openssl_handshake(addr: SocketAddr, version: &str) -> bool {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), version])
+        .args(["-cipher", "DEFAULT@SECLEVEL=0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running openssl s_client (CI installs openssl)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // s_client prints the negotiated cipher once a handshake is done: "Cipher is X", or
+    // "Cipher is (NONE)" when it failed.
+    text.lines()
+        .any(|l| l.contains("Cipher is") && !l.contains("(NONE)"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_1_and_1_0_are_refused_by_the_handshake() {
+    let ca = TestCa::new();
+    let leaf = ca.leaf("site", &["gatehouse.test"]);
+    let upstream = HttpUpstream::echo().await;
+    let proxy = Proxy::start_toml(&tls_config(&leaf.toml(), upstream.addr())).await;
+    let addr = proxy.addr();
+    let results = tokio::task::spawn_blocking(move || {
+        ["-tls1_2", "-tls1_1", "-tls1"].map(|v| (v, openssl_handshake(addr, v)))
+    })
+    .await
+    .expect("openssl runs");
+    assert_eq!(
+        results,
+        [("-tls1_2", true), ("-tls1_1", false), ("-tls1", false)]
+    );
+    assert_eq!(upstream.requests(), 0);
+}
+
+#[test]
+fn relative_certificate_files_start_from_the_config_files_directory() {
+    let ca = TestCa::new();
+    let leaf = ca.leaf("site", &["gatehouse.test"]);
+    let upstream: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let config = ca.path("gatehouse.toml");
+    std::fs::write(
+        &config,
+        tls_config("{ cert = \"site.crt\", key = \"site.key\" }", upstream),
+    )
+    .expect("write config");
+    assert!(leaf.cert.ends_with("site.crt"));
+    // Run from elsewhere: the names must not be taken from the working directory.
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&config)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("running gatehouse check");
+    assert!(out.status.success(), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,7 +392,8 @@ async fn a_reload_reads_the_certificate_files_again() {
     let (status, body) = proxy.reload().await;
     assert_eq!(status, 200, "{body}");
 
-    let mut after = connect(proxy.addr(), "gatehouse.test", &client).await;
+    // A fresh client each time: one that resumes a session gets no certificate at all.
+    let mut after = connect(proxy.addr(), "gatehouse.test", &ca.client(&[])).await;
     assert!(
         after.peer_cert() == renewed.der,
         "new connections get the new certificate"
@@ -336,7 +410,7 @@ async fn a_reload_reads_the_certificate_files_again() {
     let (status, body) = proxy.reload().await;
     assert_ne!(status, 200, "{body}");
     assert!(body.contains(&live.key.display().to_string()), "{body}");
-    let mut still = connect(proxy.addr(), "gatehouse.test", &client).await;
+    let mut still = connect(proxy.addr(), "gatehouse.test", &ca.client(&[])).await;
     assert!(still.peer_cert() == renewed.der);
     let (status, _) = within("GET after a refused reload", still.get("/")).await;
     assert_eq!(status, 200);
