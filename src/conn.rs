@@ -21,9 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-mod stream;
-
-pub use stream::ClientStream;
+pub use crate::stream::ClientStream;
 
 use crate::access_log::AccessEntry;
 use crate::app::Shared;

@@ -331,6 +331,7 @@ async fn forward(
             UpstreamErrorKind::ConnectRefused
                 | UpstreamErrorKind::ConnectTimeout
                 | UpstreamErrorKind::Connect
+                | UpstreamErrorKind::Tls
         );
         let retryable = died_before_answering || timed_out || not_connected;
         if !(repeatable && retryable) || tries >= retry.attempts {

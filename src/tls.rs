@@ -120,29 +120,8 @@ fn load_key(
     key_path: &str,
     provider: &rustls::crypto::CryptoProvider,
 ) -> Result<Arc<CertifiedKey>, TlsError> {
-    let read = |what, path: &str| {
-        std::fs::read(Path::new(path)).map_err(|error| TlsError::Read {
-            what,
-            path: path.to_owned(),
-            error,
-        })
-    };
-    let cert_pem = read("certificate", cert_path)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::BadCertificate {
-            path: cert_path.to_owned(),
-            error: pem_error(&e),
-        })?;
-    if chain.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: cert_path.to_owned(),
-        });
-    }
-    let key_pem = read("key", key_path)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey {
-        path: key_path.to_owned(),
-    })?;
+    let chain = read_certs(cert_path)?;
+    let key = read_key(key_path)?;
     let signer = provider
         .key_provider
         .load_private_key(key)
@@ -157,6 +136,39 @@ fn load_key(
         key: key_path.to_owned(),
     })?;
     Ok(Arc::new(certified))
+}
+
+fn read(what: &'static str, path: &str) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(Path::new(path)).map_err(|error| TlsError::Read {
+        what,
+        path: path.to_owned(),
+        error,
+    })
+}
+
+/// Every PEM certificate in the file at `path`, in order; at least one.
+pub fn read_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read("certificate", path)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::BadCertificate {
+            path: path.to_owned(),
+            error: pem_error(&e),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(chain)
+}
+
+/// The first PEM private key in the file at `path`.
+pub fn read_key(path: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read("key", path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsError::NoKey {
+        path: path.to_owned(),
+    })
 }
 
 /// A PEM error in words: the library's own text shows markers as byte arrays.

@@ -43,5 +43,7 @@ mod smuggling;
 mod streaming;
 #[path = "suite/tls.rs"]
 mod tls;
+#[path = "suite/upstream_tls.rs"]
+mod upstream_tls;
 #[path = "suite/websocket.rs"]
 mod websocket;

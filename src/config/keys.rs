@@ -18,6 +18,7 @@ use super::file::{
     AdminSection, FileConfig, GlobalTimeouts, HealthCheckSection, LimitsSection, ListenerSection,
     LogSection, OutlierSection, ResolverSection, RespondSection, RetrySection, RouteSection,
     RouteTimeoutsSection, ServerTable, TlsCertSection, UpstreamSection, UpstreamTimeoutsSection,
+    UpstreamTlsSection,
 };
 
 /// The shape of one value in the file, as far as key checking needs it.
@@ -65,6 +66,7 @@ pub(crate) static ROOT: Node = Node::Struct {
                     ("health_check", leaf(fields_of::<HealthCheckSection>)),
                     ("outlier", leaf(fields_of::<OutlierSection>)),
                     ("retry", leaf(fields_of::<RetrySection>)),
+                    ("tls", leaf(fields_of::<UpstreamTlsSection>)),
                 ],
             }),
         ),

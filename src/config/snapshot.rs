@@ -138,6 +138,8 @@ pub struct Upstream {
     pub timeouts: UpstreamTimeouts,
     /// Idle connections kept per server (nginx's `keepalive`).
     pub max_idle_per_server: usize,
+    /// Connect to the servers over TLS, with this client.
+    pub tls: Option<Arc<crate::upstream::tls::UpstreamTls>>,
     /// Shared with the metrics registry, so counts survive a reload of the same upstream name.
     pub metrics: Arc<UpstreamMetrics>,
     /// What requests to this upstream share while they run: the wait queue, the retry budget.

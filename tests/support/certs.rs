@@ -5,11 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
 pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
     der: CertificateDer<'static>,
+    pem: String,
     dir: tempfile::TempDir,
 }
 
@@ -33,6 +35,7 @@ impl TestCa {
         TestCa {
             issuer: Issuer::new(params, key),
             der,
+            pem: cert.pem(),
             dir: tempfile::tempdir().expect("cert dir"),
         }
     }
@@ -56,6 +59,11 @@ impl TestCa {
         }
     }
 
+    /// The CA's own certificate as PEM, for a config's `ca` file.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
     /// The CA's own certificate, for a root store.
     pub fn der(&self) -> CertificateDer<'static> {
         self.der.clone()
@@ -77,6 +85,37 @@ impl TestCa {
             .with_root_certificates(roots)
             .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
+impl TestCa {
+    /// A rustls server presenting `leaf`; with `clients`, it requires a client certificate
+    /// signed by that CA.
+    pub fn server(&self, leaf: &Leaf, clients: Option<&TestCa>) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions");
+        let builder = match clients {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.der()).expect("client CA");
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .expect("client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let key = std::fs::read(&leaf.key).expect("leaf key");
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&key).expect("leaf key PEM");
+        let config = builder
+            .with_single_cert(vec![leaf.der.clone()], key)
+            .expect("server certificate");
         Arc::new(config)
     }
 }
