@@ -103,6 +103,19 @@ pub struct ListenerSection {
     pub max_connections: Option<Spanned<i64>>,
     /// `{ cert = "...", key = "..." }`, or a list of them (SNI picks; the first is the default).
     pub tls: Option<Spanned<TlsValue>>,
+    /// Client certificates (mTLS) on a TLS listener.
+    pub client_auth: Option<Spanned<ClientAuthSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthSection {
+    /// PEM: the CAs whose client certificates are accepted.
+    pub ca: Spanned<String>,
+    /// `true` (the default): no certificate, no connection. `false`: asked for, not required.
+    pub required: Option<bool>,
+    /// The request header that carries the verified certificate's subject upstream.
+    pub subject_header: Option<Spanned<String>>,
 }
 
 #[derive(Debug)]

@@ -15,10 +15,10 @@ use toml::de::{DeTable, DeValue};
 
 use super::error::Problem;
 use super::file::{
-    AdminSection, FileConfig, GlobalTimeouts, HealthCheckSection, LimitsSection, ListenerSection,
-    LogSection, OutlierSection, ResolverSection, RespondSection, RetrySection, RouteSection,
-    RouteTimeoutsSection, ServerTable, TlsCertSection, UpstreamSection, UpstreamTimeoutsSection,
-    UpstreamTlsSection,
+    AdminSection, ClientAuthSection, FileConfig, GlobalTimeouts, HealthCheckSection, LimitsSection,
+    ListenerSection, LogSection, OutlierSection, ResolverSection, RespondSection, RetrySection,
+    RouteSection, RouteTimeoutsSection, ServerTable, TlsCertSection, UpstreamSection,
+    UpstreamTimeoutsSection, UpstreamTlsSection,
 };
 
 /// The shape of one value in the file, as far as key checking needs it.
@@ -53,7 +53,10 @@ pub(crate) static ROOT: Node = Node::Struct {
             "listener",
             Node::Array(&Node::Struct {
                 fields: fields_of::<ListenerSection>,
-                children: &[("tls", Node::OneOrMany(&leaf(fields_of::<TlsCertSection>)))],
+                children: &[
+                    ("tls", Node::OneOrMany(&leaf(fields_of::<TlsCertSection>))),
+                    ("client_auth", leaf(fields_of::<ClientAuthSection>)),
+                ],
             }),
         ),
         (

@@ -576,3 +576,135 @@ impl ServerCertVerifier for AnyName {
             .supported_schemes()
     }
 }
+
+/// A TLS listener requiring (or, with `required = false`, requesting) client certificates
+/// signed by `clients`, passing the subject in X-Client-Subject.
+fn mtls_config(leaf: &Leaf, clients: &TestCa, required: bool, upstream: SocketAddr) -> String {
+    let ca = clients.path("clients-ca.pem");
+    std::fs::write(&ca, clients.pem()).expect("write client CA");
+    let tls = format!(
+        "{}\nclient_auth = {{ ca = \"{}\", required = {required}, subject_header = \"X-Client-Subject\" }}",
+        leaf.toml(),
+        ca.display()
+    );
+    tls_config(&tls, upstream)
+}
+
+/// Sends a request with a forged subject header; `None` when the connection failed or closed
+/// without an answer (a refused client certificate shows up here under TLS 1.3).
+async fn forged_get(addr: SocketAddr, client: &Arc<rustls::ClientConfig>) -> Option<Echo> {
+    let mut conn = Conn::open(addr, "gatehouse.test", Arc::clone(client))
+        .await
+        .ok()?;
+    let request = "GET / HTTP/1.1\r\nHost: gatehouse.test\r\nX-Client-Subject: CN=forged\r\nConnection: close\r\n\r\n";
+    conn.stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    // Gatehouse ends with close_notify; an abrupt end is an error here and means no answer.
+    let _ = within("mTLS response", conn.stream.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (_, body) = text.split_once("\r\n\r\n")?;
+    text.starts_with("HTTP/1.1 200").then(|| Echo::parse(body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_required_client_certificate_is_verified_and_its_subject_passed_upstream() {
+    let ca = TestCa::new();
+    let clients = TestCa::new();
+    let leaf = ca.leaf("site", &["gatehouse.test"]);
+    let upstream = HttpUpstream::echo().await;
+    let proxy = Proxy::start_toml(&mtls_config(&leaf, &clients, true, upstream.addr())).await;
+
+    let alice = clients.client_leaf("alice", "alice");
+    let echo = forged_get(proxy.addr(), &ca.client_with_cert(&alice))
+        .await
+        .expect("a client with a good certificate is served");
+    assert_eq!(
+        echo.header_all("x-client-subject"),
+        ["CN=alice,O=Gatehouse Tests"],
+        "the verified subject, and not the forged one: {}",
+        echo.raw
+    );
+
+    // No certificate, or one from another CA: no request gets through.
+    let stranger = ca.client_leaf("mallory", "mallory");
+    for (who, client) in [
+        ("no certificate", ca.client(&[])),
+        ("another CA", ca.client_with_cert(&stranger)),
+    ] {
+        assert!(
+            forged_get(proxy.addr(), &client).await.is_none(),
+            "{who}: served"
+        );
+    }
+    assert_eq!(upstream.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requested_client_certificate_is_optional_and_a_forged_subject_never_passes() {
+    let ca = TestCa::new();
+    let clients = TestCa::new();
+    let leaf = ca.leaf("site", &["gatehouse.test"]);
+    let upstream = HttpUpstream::echo().await;
+    let proxy = Proxy::start_toml(&mtls_config(&leaf, &clients, false, upstream.addr())).await;
+
+    let anonymous = forged_get(proxy.addr(), &ca.client(&[]))
+        .await
+        .expect("served without a certificate");
+    assert!(
+        anonymous.header_all("x-client-subject").is_empty(),
+        "{}",
+        anonymous.raw
+    );
+
+    let bob = clients.client_leaf("bob", "bob");
+    let known = forged_get(proxy.addr(), &ca.client_with_cert(&bob))
+        .await
+        .expect("served with a certificate");
+    assert_eq!(
+        known.header_all("x-client-subject"),
+        ["CN=bob,O=Gatehouse Tests"]
+    );
+}
+
+#[test]
+fn check_reports_bad_client_auth() {
+    let ca = TestCa::new();
+    let leaf = ca.leaf("site", &["gatehouse.test"]);
+    let upstream: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let missing = ca.path("missing.pem");
+    let cases = [
+        (
+            format!("client_auth = {{ ca = \"{}\" }}", missing.display()),
+            true,
+            "cannot read",
+        ),
+        (
+            format!(
+                "client_auth = {{ ca = \"{}\", subject_header = \"Host\" }}",
+                leaf.cert.display()
+            ),
+            true,
+            "cannot be used here",
+        ),
+        (
+            format!("client_auth = {{ ca = \"{}\" }}", leaf.cert.display()),
+            false,
+            "needs tls",
+        ),
+    ];
+    for (auth, with_tls, says) in cases {
+        let toml = if with_tls {
+            tls_config(&format!("{}\n{auth}", leaf.toml()), upstream)
+        } else {
+            tls_config(&leaf.toml(), upstream).replace(&format!("tls = {}", leaf.toml()), &auth)
+        };
+        let (code, output, path) = check(&toml);
+        assert_eq!(code, Some(1), "{toml}\n{output}");
+        let at = if with_tls { 11 } else { 10 };
+        let line = output
+            .lines()
+            .find(|l| l.starts_with(&format!("{path}:{at}:")))
+            .unwrap_or_else(|| panic!("no diagnostic on line {at}: {output}"));
+        assert!(line.contains(says), "{line} should say {says:?}");
+    }
+}

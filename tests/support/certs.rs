@@ -44,6 +44,33 @@ impl TestCa {
     pub fn leaf(&self, file: &str, names: &[&str]) -> Leaf {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let params = CertificateParams::new(names).expect("leaf params");
+        self.write_leaf(file, params)
+    }
+
+    /// The CA's own certificate as PEM, for a config's `ca` file.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// The CA's own certificate, for a root store.
+    pub fn der(&self) -> CertificateDer<'static> {
+        self.der.clone()
+    }
+
+    /// A client certificate whose subject is `O=Gatehouse Tests, CN=<cn>`.
+    pub fn client_leaf(&self, file: &str, cn: &str) -> Leaf {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Gatehouse Tests");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        self.write_leaf(file, params)
+    }
+
+    fn write_leaf(&self, file: &str, params: CertificateParams) -> Leaf {
         let key = KeyPair::generate().expect("leaf key");
         let cert = params
             .signed_by(&key, &self.issuer)
@@ -59,14 +86,20 @@ impl TestCa {
         }
     }
 
-    /// The CA's own certificate as PEM, for a config's `ca` file.
-    pub fn pem(&self) -> &str {
-        &self.pem
-    }
-
-    /// The CA's own certificate, for a root store.
-    pub fn der(&self) -> CertificateDer<'static> {
-        self.der.clone()
+    /// A rustls client that trusts this CA and presents `cert` when asked.
+    pub fn client_with_cert(&self, cert: &Leaf) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.der.clone()).expect("CA into the root store");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = std::fs::read(&cert.key).expect("client key");
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&key).expect("client key PEM");
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![cert.der.clone()], key)
+            .expect("client certificate");
+        Arc::new(config)
     }
 
     /// A file in the same directory, for tests that need a broken one.
