@@ -144,6 +144,11 @@ fn roots(ca: Option<&str>) -> Result<RootCertStore, SetupError> {
 }
 
 impl UpstreamTls {
+    /// The rustls client config.
+    pub fn client_config(&self) -> &Arc<ClientConfig> {
+        &self.config
+    }
+
     /// Runs the handshake over a connected socket. `host` is the server's own name when it was
     /// configured by name; the IP address stands in otherwise.
     pub async fn handshake(

@@ -10,17 +10,18 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, HandshakeKind, ProtocolVersion, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{HandshakeKind, ProtocolVersion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::support::certs::{Leaf, TestCa};
-use crate::support::proxy::{metric_value, write_config};
-use crate::support::{poll_until, route_toml, upstream_toml, within, Echo, HttpUpstream, Proxy};
+use crate::support::proxy::metric_value;
+use crate::support::{
+    gatehouse_check, poll_until, route_toml, upstream_toml, within, Echo, HttpUpstream, Proxy,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 
@@ -197,10 +198,10 @@ async fn sni_picks_the_exact_name_then_the_wildcard_then_the_default() {
     let proxy = Proxy::start_toml(&tls_config(&tls, upstream.addr())).await;
 
     // Verification is by the CA and the name; the default certificate cannot match a name it
-    // does not hold, so those cases skip the name check and compare certificates directly.
+    // does not hold, so those cases skip verification and compare certificates directly.
     let verifying = ca.client(&[]);
-    let any_name = any_name_client(&ca, true);
-    let no_sni = any_name_client(&ca, false);
+    let any_name = any_name_client(true);
+    let no_sni = any_name_client(false);
     let cases: [(&str, &Arc<rustls::ClientConfig>, &Leaf, &str); 6] = [
         ("first.test", &verifying, &first, "an exact name"),
         (
@@ -416,22 +417,6 @@ async fn a_reload_reads_the_certificate_files_again() {
     assert_eq!(status, 200);
 }
 
-/// Runs `gatehouse check` on `toml`; returns (exit code, output, config path).
-fn check(toml: &str) -> (Option<i32>, String, String) {
-    let file = write_config(toml);
-    let path = file.path().display().to_string();
-    let out = Command::new(BIN)
-        .args(["check", "-c", &path])
-        .output()
-        .expect("running gatehouse check");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text, path)
-}
-
 #[test]
 fn check_names_the_file_of_a_bad_certificate_or_key() {
     let ca = TestCa::new();
@@ -462,7 +447,7 @@ fn check_names_the_file_of_a_bad_certificate_or_key() {
         ("[]".to_owned(), None),
     ];
     for (i, (tls, want)) in cases.into_iter().enumerate() {
-        let (code, output, path) = check(&tls_config(&tls, upstream));
+        let (code, output, path) = gatehouse_check(&tls_config(&tls, upstream));
         match (i, want) {
             (0, _) => assert_eq!(code, Some(0), "a good pair: {output}"),
             (_, Some((file, says))) => {
@@ -484,104 +469,23 @@ fn check_names_the_file_of_a_bad_certificate_or_key() {
     }
 }
 
-/// A client that checks the chain against the CA but accepts any name, and sends SNI only
-/// when `sni`: for the cases where the server is expected to fall back to its default.
-fn any_name_client(ca: &TestCa, sni: bool) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyName {
-            ca: ca.der(),
-            provider,
-        }))
-        .with_no_client_auth();
+/// A client that accepts any certificate, and sends SNI only when `sni`: for the cases where
+/// the server is expected to fall back to its default, the certificate is compared directly.
+fn any_name_client(sni: bool) -> Arc<rustls::ClientConfig> {
+    let files = gatehouse::upstream::tls::TlsFiles {
+        verify: false,
+        ..Default::default()
+    };
+    let tls = gatehouse::upstream::tls::build(&files).expect("a no-verify client");
+    let mut config = rustls::ClientConfig::clone(tls.client_config());
     config.enable_sni = sni;
     Arc::new(config)
-}
-
-/// Accepts a certificate issued by the test CA, whatever name it holds.
-#[derive(Debug)]
-struct AnyName {
-    ca: CertificateDer<'static>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for AnyName {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.clone())?;
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            Arc::clone(&self.provider),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-        // Verify against a name the certificate surely lacks, and accept only that failure.
-        match verifier.verify_server_cert(
-            end_entity,
-            intermediates,
-            &ServerName::try_from("name-check.invalid").expect("name"),
-            &[],
-            now,
-        ) {
-            Ok(v) => Ok(v),
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
-            | Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// A TLS listener requiring (or, with `required = false`, requesting) client certificates
 /// signed by `clients`, passing the subject in X-Client-Subject.
 fn mtls_config(leaf: &Leaf, clients: &TestCa, required: bool, upstream: SocketAddr) -> String {
-    let ca = clients.path("clients-ca.pem");
-    std::fs::write(&ca, clients.pem()).expect("write client CA");
+    let ca = clients.pem_file();
     let tls = format!(
         "{}\nclient_auth = {{ ca = \"{}\", required = {required}, subject_header = \"X-Client-Subject\" }}",
         leaf.toml(),
@@ -698,7 +602,7 @@ fn check_reports_bad_client_auth() {
         } else {
             tls_config(&leaf.toml(), upstream).replace(&format!("tls = {}", leaf.toml()), &auth)
         };
-        let (code, output, path) = check(&toml);
+        let (code, output, path) = gatehouse_check(&toml);
         assert_eq!(code, Some(1), "{toml}\n{output}");
         let at = if with_tls { 11 } else { 10 };
         let line = output

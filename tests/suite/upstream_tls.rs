@@ -4,14 +4,11 @@
 //! connections reused, health checks over TLS, and `check` naming bad files.
 
 use std::net::SocketAddr;
-use std::process::Command;
 
 use crate::support::certs::TestCa;
 use crate::support::http_upstream::{echo, Handshake};
-use crate::support::proxy::{metric_value, write_config};
-use crate::support::{client, poll_until, route_toml, Echo, HttpUpstream, Proxy};
-
-const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
+use crate::support::proxy::metric_value;
+use crate::support::{client, gatehouse_check, poll_until, route_toml, Echo, HttpUpstream, Proxy};
 
 /// `[upstream.app]` at `server` over TLS with the `tls` table's contents, and the route to it.
 fn config(server: SocketAddr, tls: &str) -> String {
@@ -36,8 +33,7 @@ async fn requests_reach_a_tls_upstream_verified_by_the_named_ca_over_one_pooled_
     let ca = TestCa::new();
     let leaf = ca.leaf("upstream", &["app.internal"]);
     let upstream = HttpUpstream::start_tls(ca.server(&leaf, None), echo).await;
-    let ca_file = ca.path("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    let ca_file = ca.pem_file();
     let tls = format!(
         "ca = \"{}\", server_name = \"app.internal\"",
         ca_file.display()
@@ -66,8 +62,7 @@ async fn without_server_name_the_certificate_must_hold_the_servers_ip() {
     let ca = TestCa::new();
     let by_ip = ca.leaf("by-ip", &["127.0.0.1"]);
     let by_name = ca.leaf("by-name", &["app.internal"]);
-    let ca_file = ca.path("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    let ca_file = ca.pem_file();
     let tls = format!("ca = \"{}\"", ca_file.display());
 
     let good = HttpUpstream::start_tls(ca.server(&by_ip, None), echo).await;
@@ -91,8 +86,7 @@ async fn a_certificate_from_another_ca_is_refused_with_502_and_counted() {
     let other = TestCa::new();
     let leaf = other.leaf("upstream", &["app.internal"]);
     let upstream = HttpUpstream::start_tls(other.server(&leaf, None), echo).await;
-    let ca_file = ca.path("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    let ca_file = ca.pem_file();
     let tls = format!(
         "ca = \"{}\", server_name = \"app.internal\"",
         ca_file.display()
@@ -137,8 +131,7 @@ async fn a_client_certificate_is_presented_when_the_server_requires_one() {
     let clients = TestCa::new();
     let leaf = ca.leaf("upstream", &["app.internal"]);
     let upstream = HttpUpstream::start_tls(ca.server(&leaf, Some(&clients)), echo).await;
-    let ca_file = ca.path("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    let ca_file = ca.pem_file();
     let base = format!(
         "ca = \"{}\", server_name = \"app.internal\"",
         ca_file.display()
@@ -181,8 +174,7 @@ async fn health_checks_go_over_tls_too() {
     let ca = TestCa::new();
     let leaf = ca.leaf("upstream", &["app.internal"]);
     let upstream = HttpUpstream::start_tls(ca.server(&leaf, None), echo).await;
-    let ca_file = ca.path("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    let ca_file = ca.pem_file();
     let tables = format!(
         "[upstream.app]\nservers = [\"{}\"]\ntls = {{ ca = \"{}\", server_name = \"app.internal\" }}\n\
          [upstream.app.health_check]\npath = \"/healthz\"\ninterval = \"50ms\"\nrise = 1\nfall = 1\n\n{}",
@@ -202,21 +194,6 @@ async fn health_checks_go_over_tls_too() {
     assert!(body.contains("\"healthy\""), "{body}");
     let (status, body) = get(&proxy, "/").await;
     assert_eq!(status, 200, "{body}");
-}
-
-fn check(toml: &str) -> (Option<i32>, String, String) {
-    let file = write_config(toml);
-    let path = file.path().display().to_string();
-    let out = Command::new(BIN)
-        .args(["check", "-c", &path])
-        .output()
-        .expect("running gatehouse check");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text, path)
 }
 
 #[test]
@@ -256,7 +233,8 @@ fn check_reports_bad_upstream_tls_settings_at_the_value() {
         ),
     ];
     for (tls, says) in cases {
-        let (code, output, path) = check(&format!("{listener}{}", config(upstream, &tls)));
+        let (code, output, path) =
+            gatehouse_check(&format!("{listener}{}", config(upstream, &tls)));
         assert_eq!(code, Some(1), "{tls}: {output}");
         // Line 7 is the upstream's `tls = { ... }`.
         let line = output
@@ -265,6 +243,7 @@ fn check_reports_bad_upstream_tls_settings_at_the_value() {
             .unwrap_or_else(|| panic!("no diagnostic on line 7 for {tls}: {output}"));
         assert!(line.contains(says), "{line} should say {says:?}");
     }
-    let (code, output, _) = check(&format!("{listener}{}", config(upstream, "verify = false")));
+    let (code, output, _) =
+        gatehouse_check(&format!("{listener}{}", config(upstream, "verify = false")));
     assert_eq!(code, Some(0), "{output}");
 }

@@ -52,6 +52,13 @@ impl TestCa {
         &self.pem
     }
 
+    /// The CA's certificate written to `ca.pem` in the directory, for a config's `ca`.
+    pub fn pem_file(&self) -> PathBuf {
+        let path = self.path("ca.pem");
+        std::fs::write(&path, &self.pem).expect("writing the CA file");
+        path
+    }
+
     /// The CA's own certificate, for a root store.
     pub fn der(&self) -> CertificateDer<'static> {
         self.der.clone()

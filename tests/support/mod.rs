@@ -118,6 +118,24 @@ pub fn reserved_tokio_listener() -> tokio::net::TcpListener {
     tokio::net::TcpListener::from_std(listener).expect("registering a listener")
 }
 
+/// Runs `gatehouse check -c FILE` on `toml`; returns (exit code, stdout + stderr, the file's
+/// path, which starts every diagnostic line).
+pub fn gatehouse_check(toml: &str) -> (Option<i32>, String, String) {
+    let file = proxy::write_config(toml);
+    let path = file.path().display().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["check", "-c", &path])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running gatehouse check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text, path)
+}
+
 /// The TOML for `[upstream.NAME]` with equal-weight servers and nothing else.
 pub fn upstream_toml(name: &str, servers: &[SocketAddr]) -> String {
     let list: Vec<String> = servers.iter().map(|a| format!("\"{a}\"")).collect();
