@@ -21,13 +21,11 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-mod stream;
-
-pub use stream::ClientStream;
+pub use crate::stream::ClientStream;
 
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
-use crate::config::snapshot::ConnLimits;
+use crate::config::snapshot::{ConnLimits, TlsSettings};
 use crate::deadline;
 use crate::http1::request::{self, HeadError, RequestHead};
 use crate::http1::write::{self, Persistence};
@@ -48,6 +46,18 @@ pub struct Client {
     pub out: Vec<u8>,
     /// Read buffer for the upstream's response.
     pub up_buf: BytesMut,
+    /// On a listener with `client_auth.subject_header`: that header and what goes in it.
+    pub subject: Option<ClientSubject>,
+}
+
+/// The verified client certificate's subject, for the upstream: sent in `header` (whatever the
+/// client itself sent in that header is dropped, so it cannot be forged).
+#[derive(Debug, Clone)]
+pub struct ClientSubject {
+    /// Lower-case.
+    pub header: Arc<str>,
+    /// `None` when the client presented no certificate (`required = false`).
+    pub subject: Option<Arc<str>>,
 }
 
 impl Client {
@@ -81,7 +91,7 @@ pub fn serve(
     peer: SocketAddr,
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<TlsSettings>,
 ) -> impl std::future::Future<Output = ()> {
     let _ = stream.set_nodelay(true);
     shared.metrics.connection_opened();
@@ -93,6 +103,7 @@ pub fn serve(
         buf: BytesMut::new(),
         out: Vec::new(),
         up_buf: BytesMut::new(),
+        subject: None,
     };
     async move {
         if let Some(tls) = tls {
@@ -204,7 +215,7 @@ async fn read_head(
 /// is done.
 async fn start_tls(
     client: &mut Client,
-    tls: Arc<rustls::ServerConfig>,
+    tls: TlsSettings,
     shared: &Shared,
     connected: Instant,
 ) -> bool {
@@ -213,9 +224,20 @@ async fn start_tls(
     else {
         return false;
     };
-    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
+    let accept = tokio_rustls::TlsAcceptor::from(tls.config).accept(tcp);
     match tokio::time::timeout_at(connected + timeout, accept).await {
         Ok(Ok(stream)) => {
+            if let Some(header) = tls.subject_header {
+                // Verified by rustls against the listener's client CAs by now.
+                let subject = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(crate::tls::subject)
+                    .map(Arc::from);
+                client.subject = Some(ClientSubject { header, subject });
+            }
             client.stream = ClientStream::Tls(Box::new(stream));
             true
         }

@@ -37,5 +37,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod router;
+pub mod stream;
 pub mod tls;
 pub mod upstream;

@@ -66,7 +66,7 @@ pub async fn accept_loop(
                     .listeners
                     .iter()
                     .find(|l| *l.name == *name)
-                    .and_then(|l| l.tls.as_ref().map(|t| Arc::clone(&t.0)));
+                    .and_then(|l| l.tls.clone());
                 connections.spawn(conn::serve(stream, peer, Arc::clone(&shared), permit, tls));
             }
             Err(e) => {

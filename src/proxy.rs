@@ -206,6 +206,8 @@ async fn forward(
     upstream.live.budget.deposit(retry.budget_ratio);
 
     let peer_ip = std::sync::Arc::clone(&client.peer_ip);
+    // Cloned (two `Arc`s) only on a listener with mTLS and a subject header.
+    let subject = client.subject.clone();
     let fwd = Forwarded {
         client_ip: &peer_ip,
         proto: if client.stream.is_tls() {
@@ -213,6 +215,9 @@ async fn forward(
         } else {
             b"http"
         },
+        subject: subject
+            .as_ref()
+            .map(|s| (s.header.as_bytes(), s.subject.as_deref().map(str::as_bytes))),
     };
     // A request that cannot be tried again gets its whole response_header time: cutting it at
     // the per-try limit would only turn a slow answer into a 504.
@@ -331,6 +336,7 @@ async fn forward(
             UpstreamErrorKind::ConnectRefused
                 | UpstreamErrorKind::ConnectTimeout
                 | UpstreamErrorKind::Connect
+                | UpstreamErrorKind::Tls
         );
         let retryable = died_before_answering || timed_out || not_connected;
         if !(repeatable && retryable) || tries >= retry.attempts {

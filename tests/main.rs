@@ -43,7 +43,11 @@ mod shutdown;
 mod smuggling;
 #[path = "suite/streaming.rs"]
 mod streaming;
+#[path = "suite/tls.rs"]
+mod tls;
 #[path = "suite/upgrade.rs"]
 mod upgrade;
+#[path = "suite/upstream_tls.rs"]
+mod upstream_tls;
 #[path = "suite/websocket.rs"]
 mod websocket;

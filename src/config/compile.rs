@@ -13,7 +13,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,9 +23,9 @@ use arc_swap::ArcSwap;
 
 use super::error::{line_col, Problem};
 use super::file::{
-    AccessValue, DurationValue, FileConfig, GlobalTimeouts, LimitsSection, ListenerSection,
-    LogSection, ResolverSection, RespondSection, RouteSection, RouteTimeoutsSection, SizeValue,
-    TlsCertSection, TlsValue,
+    AccessValue, ClientAuthSection, DurationValue, FileConfig, GlobalTimeouts, LimitsSection,
+    ListenerSection, LogSection, ResolverSection, RespondSection, RouteSection,
+    RouteTimeoutsSection, SizeValue, TlsCertSection, TlsValue,
 };
 use super::snapshot::{
     AccessTarget, AdminSettings, ConnLimits, ConnTimeouts, FixedResponse, HostMatch,
@@ -86,6 +86,7 @@ const MAX_WEIGHT: i64 = 1000;
 /// earlier definition in "duplicate" messages.
 pub(crate) fn compile(
     text: &str,
+    base_dir: &Path,
     file: FileConfig,
     metrics: &Metrics,
 ) -> Result<Snapshot, Vec<Problem>> {
@@ -102,6 +103,7 @@ pub(crate) fn compile(
     } = file;
     let mut c = Checker {
         text,
+        base_dir,
         problems: Vec::new(),
     };
 
@@ -180,10 +182,22 @@ struct Limits {
 
 struct Checker<'a> {
     text: &'a str,
+    /// Where relative file names start (see `config::base_dir`).
+    base_dir: &'a Path,
     problems: Vec<Problem>,
 }
 
 impl Checker<'_> {
+    /// A file name from the config, relative ones taken from the config file's directory.
+    fn file_path(&self, name: &str) -> String {
+        let path = Path::new(name);
+        if path.is_absolute() {
+            name.to_owned()
+        } else {
+            self.base_dir.join(path).display().to_string()
+        }
+    }
+
     fn report(&mut self, span: Range<usize>, message: impl Into<String>) {
         self.problems.push(Problem {
             span,
@@ -329,7 +343,11 @@ impl Checker<'_> {
 
     /// Reads and checks every certificate and key now, so that `check` names a missing, bad or
     /// mismatched file, and builds the listener's TLS config from them.
-    fn tls(&mut self, tls: Spanned<TlsValue>) -> Option<TlsSettings> {
+    fn tls(
+        &mut self,
+        tls: Spanned<TlsValue>,
+        client_auth: Option<Spanned<ClientAuthSection>>,
+    ) -> Option<TlsSettings> {
         let span = tls.span();
         let entries: Vec<(TlsCertSection, Range<usize>)> = match tls.into_inner() {
             TlsValue::One(one) => vec![(one, span.clone())],
@@ -351,8 +369,8 @@ impl Checker<'_> {
         let mut loaded = Vec::with_capacity(entries.len());
         for (TlsCertSection { cert, key }, _) in entries {
             let files = crate::tls::CertFiles {
-                cert: cert.get_ref().clone(),
-                key: key.get_ref().clone(),
+                cert: self.file_path(cert.get_ref()),
+                key: self.file_path(key.get_ref()),
             };
             match crate::tls::load(&files) {
                 Ok(l) => loaded.push(l),
@@ -368,11 +386,41 @@ impl Checker<'_> {
                 }
             }
         }
+        let (clients, subject_header) = match client_auth {
+            None => (None, None),
+            Some(auth) => {
+                let ClientAuthSection {
+                    ca,
+                    required,
+                    subject_header,
+                } = auth.into_inner();
+                let header = subject_header.and_then(|h| {
+                    self.check(h.span(), values::header_name(h.get_ref()))
+                        .map(|()| Arc::<str>::from(h.into_inner().to_ascii_lowercase()))
+                });
+                match crate::tls::client_roots(&self.file_path(ca.get_ref())) {
+                    Ok(roots) => (
+                        Some(crate::tls::ClientAuth {
+                            roots,
+                            required: required.unwrap_or(true),
+                        }),
+                        header,
+                    ),
+                    Err(e) => {
+                        self.report(ca.span(), e.to_string());
+                        (None, None)
+                    }
+                }
+            }
+        };
         if !self.problems.is_empty() {
             return None;
         }
-        match crate::tls::server_config(loaded) {
-            Ok(config) => Some(TlsSettings(config)),
+        match crate::tls::server_config(loaded, clients) {
+            Ok(config) => Some(TlsSettings {
+                config,
+                subject_header,
+            }),
             Err(e) => {
                 self.report(span, e.to_string());
                 None
@@ -464,8 +512,19 @@ impl Checker<'_> {
                 listen,
                 max_connections,
                 tls,
+                client_auth,
             } = l.into_inner();
-            let tls = tls.and_then(|t| self.tls(t));
+            let tls = match (tls, client_auth) {
+                (Some(t), auth) => self.tls(t, auth),
+                (None, Some(auth)) => {
+                    self.report(
+                        auth.span(),
+                        "client_auth needs tls on the listener: client certificates come in the TLS handshake",
+                    );
+                    None
+                }
+                (None, None) => None,
+            };
             self.check(name.span(), values::name("listener", name.get_ref()));
             if let Some(first) = names.get(name.get_ref()) {
                 let message = format!(

@@ -85,13 +85,17 @@ pub struct ListenerSettings {
     pub tls: Option<TlsSettings>,
 }
 
-/// A listener's rustls config; two are equal only when they are the same one.
+/// A listener's TLS: the rustls config, and with client certificates, the request header that
+/// carries the verified subject upstream. Two are equal only when they are the same one.
 #[derive(Debug, Clone)]
-pub struct TlsSettings(pub Arc<rustls::ServerConfig>);
+pub struct TlsSettings {
+    pub config: Arc<rustls::ServerConfig>,
+    pub subject_header: Option<Arc<str>>,
+}
 
 impl PartialEq for TlsSettings {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.config, &other.config) && self.subject_header == other.subject_header
     }
 }
 
@@ -138,6 +142,8 @@ pub struct Upstream {
     pub timeouts: UpstreamTimeouts,
     /// Idle connections kept per server (nginx's `keepalive`).
     pub max_idle_per_server: usize,
+    /// Connect to the servers over TLS, with this client.
+    pub tls: Option<Arc<crate::upstream::tls::UpstreamTls>>,
     /// Shared with the metrics registry, so counts survive a reload of the same upstream name.
     pub metrics: Arc<UpstreamMetrics>,
     /// What requests to this upstream share while they run: the wait queue, the retry budget.

@@ -572,10 +572,10 @@ fn every_unknown_key_is_reported_with_the_other_problems() {
     assert_eq!(
         errors(&text),
         [
-            "4:1: unknown field `colour`, expected one of `name`, `listen`, `max_connections`, `tls`",
+            "4:1: unknown field `colour`, expected one of `name`, `listen`, `max_connections`, `tls`, `client_auth`",
             "7:1: unknown field `flavour`, expected one of `servers`, `keepalive`, `timeouts`, \
              `balance`, `hash_key`, `sticky_cookie`, `slow_start`, `panic_threshold`, \
-             `max_conns`, `max_pending`, `queue_timeout`, `health_check`, `outlier`, `retry`",
+             `max_conns`, `max_pending`, `queue_timeout`, `health_check`, `outlier`, `retry`, `tls`",
             "10:12: unknown upstream \"nope\" (defined: app)",
         ]
     );
@@ -734,6 +734,8 @@ fn key_scan_describes_every_table() {
             ".admin",
             ".limits",
             ".listener[]",
+            ".listener[].client_auth",
+            ".listener[].tls[]",
             ".log",
             ".resolver",
             ".route[]",
@@ -746,6 +748,7 @@ fn key_scan_describes_every_table() {
             ".upstream[].retry",
             ".upstream[].servers[]",
             ".upstream[].timeouts",
+            ".upstream[].tls",
         ]
     );
 }

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use tempfile::{NamedTempFile, TempDir};
 
+use crate::support::certs::TestCa;
 use crate::support::load::Load;
 use crate::support::proxy::write_config;
 use crate::support::raw::RawConn;
-use crate::support::tls::{certificate, tls_get};
 use crate::support::{
     client, closed_port, poll_until, reserved_listener, route_toml, upstream_toml, within,
     HttpUpstream,
@@ -637,6 +637,34 @@ async fn sigusr2_starts_the_new_binary_and_names_it_the_main_process() {
     assert!(tokio::net::TcpStream::connect(site.web).await.is_err());
 }
 
+/// `GET /` over TLS to `addr` as `localhost`, with `config` (which says whom to trust): the
+/// body, or why not.
+async fn tls_get(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    // The response ends with the connection; a close without close_notify still ends it.
+    let _ = within("a TLS response", tls.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no response: {text:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("not a 200: {head}"));
+    }
+    Ok(body.to_owned())
+}
+
 /// An inherited listening socket gets the TLS settings of the listener it matches in the new
 /// config: after the upgrade the TLS listener still speaks TLS, with the new config's
 /// certificate, and the plain one beside it stays plain.
@@ -644,24 +672,26 @@ async fn sigusr2_starts_the_new_binary_and_names_it_the_main_process() {
 async fn a_tls_listener_taken_over_speaks_tls_with_the_new_certificate() {
     let site = Site::new();
     let secure = closed_port();
-    let certs = tempfile::tempdir().expect("a temp dir");
-    let (old_cert, old_key, old_root) = certificate(certs.path(), "old");
-    let (new_cert, new_key, new_root) = certificate(certs.path(), "new");
-    let tables = |name: &str, cert: &Path, key: &Path| {
+    // Each process's certificate from its own CA: a client trusting one CA tells them apart.
+    let (old_ca, new_ca) = (TestCa::new(), TestCa::new());
+    let (old_leaf, new_leaf) = (
+        old_ca.leaf("old", &["localhost"]),
+        new_ca.leaf("new", &["localhost"]),
+    );
+    let (old_root, new_root) = (old_ca.client(&[b"http/1.1"]), new_ca.client(&[b"http/1.1"]));
+    let tables = |name: &str, leaf: &crate::support::certs::Leaf| {
         format!(
-            "[[listener]]\nname = \"secure\"\nlisten = \"{secure}\"\n\
-             tls = {{ cert = \"{}\", key = \"{}\" }}\n\n{}",
-            cert.display(),
-            key.display(),
+            "[[listener]]\nname = \"secure\"\nlisten = \"{secure}\"\ntls = {}\n\n{}",
+            leaf.toml(),
             respond(name)
         )
     };
-    let a = site.config(&tables("old", &old_cert, &old_key));
-    let b = site.config(&tables("new", &new_cert, &new_key));
+    let a = site.config(&tables("old", &old_leaf));
+    let b = site.config(&tables("new", &new_leaf));
     let mut old = Gh::run(a.path(), Some(&site.socket), false);
     site.wait_up().await;
     let before = poll_until(Duration::from_secs(20), || async {
-        tls_get(secure, &old_root).await.ok()
+        tls_get(secure, Arc::clone(&old_root)).await.ok()
     })
     .await;
     assert_eq!(before.as_deref(), Some("old"), "{}", old.log());
@@ -675,8 +705,11 @@ async fn a_tls_listener_taken_over_speaks_tls_with_the_new_certificate() {
         "{}",
         new.log()
     );
-    assert_eq!(tls_get(secure, &new_root).await.as_deref(), Ok("new"));
-    let stale = tls_get(secure, &old_root).await;
+    assert_eq!(
+        tls_get(secure, Arc::clone(&new_root)).await.as_deref(),
+        Ok("new")
+    );
+    let stale = tls_get(secure, Arc::clone(&old_root)).await;
     assert!(
         stale.as_ref().is_err_and(|e| e.starts_with("handshake")),
         "the old certificate is still served: {stale:?}"

@@ -17,7 +17,7 @@ use super::{defaults, Checker, Globals, MAX_WEIGHT};
 use crate::balance::{Algorithm, HashKey};
 use crate::config::file::{
     HealthCheckSection, OutlierSection, RetrySection, ServerEntry, ServerTable, UpstreamSection,
-    UpstreamTimeoutsSection,
+    UpstreamTimeoutsSection, UpstreamTlsSection, UpstreamTlsValue,
 };
 use crate::config::snapshot::{
     BalanceSettings, HealthCheckKind, HealthCheckSettings, HostMatch, OutlierSettings,
@@ -25,6 +25,7 @@ use crate::config::snapshot::{
     UpstreamLive, UpstreamTimeouts,
 };
 use crate::config::values;
+use crate::upstream::tls::{SetupError, TlsFiles, UpstreamTls};
 
 impl Checker<'_> {
     /// Upstreams in file order, so that `UpstreamId`s follow the file. Metrics are placeholders.
@@ -59,6 +60,7 @@ impl Checker<'_> {
             health_check,
             outlier,
             retry,
+            tls,
         } = section;
         let servers_span = servers.span();
         if servers.get_ref().is_empty() {
@@ -173,6 +175,7 @@ impl Checker<'_> {
         let health_check = health_check.map(|h| self.health_check(h));
         let outlier = self.outlier(outlier.unwrap_or_default());
         let retry = self.retry(retry.unwrap_or_default(), &timeouts);
+        let tls = tls.and_then(|t| self.upstream_tls(t));
         Upstream {
             targets: ArcSwap::from_pointee(Targets::empty(&balance.algorithm)),
             name,
@@ -184,8 +187,62 @@ impl Checker<'_> {
             queue,
             timeouts,
             max_idle_per_server,
+            tls,
             metrics: Arc::default(),
             live: UpstreamLive::default(),
+        }
+    }
+
+    /// Reads the CA and client certificate files now, so that `check` names a bad one.
+    fn upstream_tls(&mut self, tls: Spanned<UpstreamTlsValue>) -> Option<Arc<UpstreamTls>> {
+        let span = tls.span();
+        let section = match tls.into_inner() {
+            UpstreamTlsValue::Enabled(false) => return None,
+            UpstreamTlsValue::Enabled(true) => UpstreamTlsSection::default(),
+            UpstreamTlsValue::Table(t) => t,
+        };
+        let UpstreamTlsSection {
+            verify,
+            ca,
+            server_name,
+            client_cert,
+            client_key,
+        } = section;
+        let verify = verify.unwrap_or(true);
+        if let (false, Some(ca)) = (verify, &ca) {
+            self.report(
+                ca.span(),
+                "tls.ca has no effect with verify = false: certificates are not checked",
+            );
+        }
+        match (&client_cert, &client_key) {
+            (Some(c), None) => self.report(c.span(), "tls.client_cert needs tls.client_key"),
+            (None, Some(k)) => self.report(k.span(), "tls.client_key needs tls.client_cert"),
+            _ => {}
+        }
+        let files = TlsFiles {
+            verify,
+            ca: ca.as_ref().map(|c| self.file_path(c.get_ref())),
+            server_name: server_name.as_ref().map(|n| n.get_ref().clone()),
+            client_cert: client_cert.as_ref().map(|c| self.file_path(c.get_ref())),
+            client_key: client_key.as_ref().map(|k| self.file_path(k.get_ref())),
+        };
+        match crate::upstream::tls::build(&files) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                // Point at the value the problem is in.
+                let at = match &e {
+                    SetupError::BadServerName(_) => server_name.map(|n| n.span()),
+                    SetupError::Ca(_) | SetupError::BadCa { .. } => ca.map(|c| c.span()),
+                    SetupError::ClientCertFile(_) => client_cert.map(|c| c.span()),
+                    SetupError::ClientKeyFile(_) | SetupError::ClientCert { .. } => {
+                        client_key.map(|k| k.span())
+                    }
+                    SetupError::Config(_) | SetupError::NoSystemRoots(_) => None,
+                };
+                self.report(at.unwrap_or(span), e.to_string());
+                None
+            }
         }
     }
 
