@@ -34,9 +34,13 @@ pub struct Shared {
     pub pool: Pool,
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
-    /// Cancelled when the drain starts: stop accepting, close idle connections, and answer
-    /// in-flight requests with `Connection: close`.
+    /// Cancelled when the drain starts: stop accepting, and answer every request from now on
+    /// with `Connection: close`.
     pub drain: CancellationToken,
+    /// Cancelled when idle keep-alive connections are to be closed: a moment after `drain`
+    /// (`IDLE_CLOSE_AFTER`), so that a client sending its next request just then is answered
+    /// rather than reset.
+    pub close_idle: CancellationToken,
     /// The same fact as `drain`, readable with one atomic load: the request path asks on every
     /// response, and `CancellationToken::is_cancelled` takes a lock.
     draining: AtomicBool,
@@ -50,6 +54,7 @@ impl Shared {
             metrics,
             access_log,
             drain: CancellationToken::new(),
+            close_idle: CancellationToken::new(),
             draining: AtomicBool::new(false),
         }
     }
@@ -58,8 +63,8 @@ impl Shared {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Starts the drain: stop accepting, close idle connections, close busy ones after their
-    /// current response.
+    /// Starts the drain: stop accepting; busy connections close after their current response
+    /// (`Connection: close`), idle ones when `close_idle_now` follows.
     pub fn start_drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
         self.drain.cancel();
@@ -68,17 +73,23 @@ impl Shared {
     /// The polite first half of a drain after a handoff: every response from now on says
     /// `Connection: close`, but idle keep-alive connections are not closed yet. A client that
     /// sends its next request is answered and told to reconnect (to the new process); only one
-    /// that stays idle is closed later, by `start_drain`. Closing an idle connection races with
-    /// a request the client may be sending at that instant, which it would then see fail.
+    /// that stays idle is closed later, by `close_idle_now`. Closing an idle connection races
+    /// with a request the client may be sending at that instant, which it would then see fail.
     pub fn end_keep_alive(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
+
+    /// The drain's second half: idle keep-alive connections are closed now.
+    pub fn close_idle_now(&self) {
+        self.start_drain();
+        self.close_idle.cancel();
+    }
 }
 
-/// How long, after a handoff, the old process waits for its keep-alive clients to send their
-/// next request (answered with `Connection: close`) before it closes the connections still idle.
+/// How long, after a drain or a handoff begins, keep-alive clients have to send their next
+/// request (answered with `Connection: close`) before the connections still idle are closed.
 /// Capped by `shutdown_grace`.
-pub const HANDOFF_IDLE_CLOSE: Duration = Duration::from_secs(2);
+pub const IDLE_CLOSE_AFTER: Duration = Duration::from_secs(2);
 
 /// Listening sockets inherited from the process this one takes over from (`handoff.rs`).
 #[derive(Debug, Default)]
@@ -219,6 +230,16 @@ impl Gatehouse {
             }
         });
 
+        // The drain's second half, however the drain was started (a signal, `POST /drain`, a
+        // failed takeover): idle keep-alive connections are closed a moment after it began.
+        let idle_shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            idle_shared.drain.cancelled().await;
+            let grace = idle_shared.config.load().timeouts.shutdown_grace;
+            tokio::time::sleep(grace.min(IDLE_CLOSE_AFTER)).await;
+            idle_shared.close_idle_now();
+        });
+
         Ok(Gatehouse {
             shared,
             reloader,
@@ -281,16 +302,16 @@ impl Gatehouse {
 
     /// Ends the process a new one has taken over from (its accept loops have already stopped):
     /// busy connections finish their request with `Connection: close`; keep-alive clients get
-    /// `HANDOFF_IDLE_CLOSE` to send one more request (answered the same way) before the idle
+    /// `IDLE_CLOSE_AFTER` to send one more request (answered the same way) before the idle
     /// ones are closed; all within `shutdown_grace`.
     pub async fn finish_handoff(self) {
         let grace = self.shared.config.load().timeouts.shutdown_grace;
         let started = tokio::time::Instant::now();
         self.shared.end_keep_alive();
         self.connections.close();
-        let polite = grace.min(HANDOFF_IDLE_CLOSE);
+        let polite = grace.min(IDLE_CLOSE_AFTER);
         let _ = tokio::time::timeout(polite, self.connections.wait()).await;
-        self.shared.start_drain();
+        self.shared.close_idle_now();
         self.finish(grace.saturating_sub(started.elapsed())).await;
     }
 

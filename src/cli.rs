@@ -246,7 +246,7 @@ async fn serve(
                 _ = &mut finish => break,
                 signal = signals.next() => if let Signal::Stop(name) = signal {
                     tracing::info!("{name}: closing the idle connections now");
-                    shared.start_drain();
+                    shared.close_idle_now();
                 },
             }
         }

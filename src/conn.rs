@@ -3,8 +3,9 @@
 //!
 //! Neighbours: `listener.rs` accepts and spawns `serve`; `http1::request` parses each head;
 //! `proxy::handle` serves the request. This module owns the client-side timeouts (header read,
-//! keep-alive idle) and the drain on shutdown: an idle connection is closed at once, a busy one
-//! finishes its request with `Connection: close`.
+//! keep-alive idle) and the drain on shutdown: a busy connection finishes its request with
+//! `Connection: close`, and so does an idle one whose client sends one more request; those still
+//! idle are closed a moment later (`app::IDLE_CLOSE_AFTER`).
 //!
 //! While a connection sits idle between requests it holds no buffers: they are released before
 //! waiting and allocated again when bytes arrive, so ten thousand idle keep-alive clients cost
@@ -268,7 +269,7 @@ async fn wait_readable(client: &mut Client, until: Instant, shared: &Shared) -> 
                 _ => Err(NoHead::Quiet),
             },
             _ = tokio::time::sleep_until(until) => Err(NoHead::Quiet),
-            _ = shared.drain.cancelled() => Err(NoHead::Quiet),
+            _ = shared.close_idle.cancelled() => Err(NoHead::Quiet),
         };
     };
     loop {
@@ -279,7 +280,7 @@ async fn wait_readable(client: &mut Client, until: Instant, shared: &Shared) -> 
             biased;
             ready = ready => ready.map_err(|_| NoHead::Quiet)?,
             _ = tokio::time::sleep_until(until) => return Err(NoHead::Quiet),
-            _ = shared.drain.cancelled() => return Err(NoHead::Quiet),
+            _ = shared.close_idle.cancelled() => return Err(NoHead::Quiet),
         }
         client.buf.reserve(HEAD_BUF);
         match stream.try_read_buf(&mut client.buf) {
