@@ -186,6 +186,7 @@ impl Gatehouse {
         let connections = TaskTracker::new();
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
+        let watched = path.clone();
         let reloader = Reloader::start(
             path,
             text,
@@ -229,6 +230,15 @@ impl Gatehouse {
                 }
             }
         });
+
+        if let Some(path) = watched {
+            background.spawn(crate::watch::run(
+                path,
+                Arc::clone(&reloader),
+                Arc::clone(&shared),
+                stop_background.clone(),
+            ));
+        }
 
         // The drain's second half, however the drain was started (a signal, `POST /drain`, a
         // failed takeover): idle keep-alive connections are closed a moment after it began.

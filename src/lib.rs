@@ -40,3 +40,4 @@ pub mod router;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
+pub mod watch;

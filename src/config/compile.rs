@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use super::error::{line_col, Problem};
 use super::file::{
     AccessValue, ClientAuthSection, DurationValue, FileConfig, GlobalTimeouts, LimitsSection,
-    ListenerSection, LogSection, ResolverSection, RespondSection, RouteSection,
+    ListenerSection, LogSection, ReloadSection, ResolverSection, RespondSection, RouteSection,
     RouteTimeoutsSection, SizeValue, TlsCertSection, TlsValue,
 };
 use super::snapshot::{
@@ -62,6 +62,7 @@ mod defaults {
     pub const KEEPALIVE: i64 = 128;
     pub const MAX_PENDING: u32 = 0;
     pub const RESOLVER_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
     pub const RESOLVER_MIN_TTL: Duration = Duration::from_secs(1);
     pub const RESOLVER_MAX_TTL: Duration = Duration::from_secs(300);
     pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -97,6 +98,7 @@ pub(crate) fn compile(
         timeouts,
         limits,
         resolver,
+        reload,
         listener,
         upstream,
         route,
@@ -116,6 +118,7 @@ pub(crate) fn compile(
     let globals = c.global_timeouts(timeouts);
     let limits = c.limits(limits);
     let resolver = c.resolver(resolver);
+    let watch = c.watch(reload);
     let listeners = c.listeners(listener, &limits, admin.as_ref());
     let upstreams = c.upstreams(upstream, &globals);
     let routes = c.routes(route, &upstreams, &globals, &limits);
@@ -163,6 +166,7 @@ pub(crate) fn compile(
         limits: limits.conn,
         timeouts: globals.conn,
         resolver,
+        watch,
     })
 }
 
@@ -426,6 +430,16 @@ impl Checker<'_> {
                 None
             }
         }
+    }
+
+    fn watch(&mut self, r: ReloadSection) -> Option<Duration> {
+        let ReloadSection { watch, interval } = r;
+        let span = interval.as_ref().map(|i| i.span());
+        let every = self.duration(interval, defaults::WATCH_INTERVAL);
+        if let (Some(false) | None, Some(span)) = (watch, span) {
+            self.report(span, "reload.interval has no effect without watch = true");
+        }
+        watch.unwrap_or(false).then_some(every)
     }
 
     fn resolver(&mut self, r: ResolverSection) -> ResolverSettings {

@@ -28,6 +28,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub resolver: ResolverSection,
     #[serde(default)]
+    pub reload: ReloadSection,
+    #[serde(default)]
     pub listener: Vec<Spanned<ListenerSection>>,
     /// Keyed by name; `compile.rs` restores file order from the key spans.
     #[serde(default)]
@@ -93,6 +95,16 @@ pub struct ResolverSection {
     /// Bounds on how soon a name is resolved again, whatever its records' TTL says.
     pub min_ttl: Option<Spanned<DurationValue>>,
     pub max_ttl: Option<Spanned<DurationValue>>,
+}
+
+/// Reloading without a signal.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadSection {
+    /// Reload when the file's contents change.
+    pub watch: Option<bool>,
+    /// How often the file is looked at.
+    pub interval: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -16,8 +16,8 @@ use toml::de::{DeTable, DeValue};
 use super::error::Problem;
 use super::file::{
     AdminSection, ClientAuthSection, FileConfig, GlobalTimeouts, HealthCheckSection, LimitsSection,
-    ListenerSection, LogSection, OutlierSection, ResolverSection, RespondSection, RetrySection,
-    RouteSection, RouteTimeoutsSection, ServerTable, TlsCertSection, UpstreamSection,
+    ListenerSection, LogSection, OutlierSection, ReloadSection, ResolverSection, RespondSection,
+    RetrySection, RouteSection, RouteTimeoutsSection, ServerTable, TlsCertSection, UpstreamSection,
     UpstreamTimeoutsSection, UpstreamTlsSection,
 };
 
@@ -49,6 +49,7 @@ pub(crate) static ROOT: Node = Node::Struct {
         ("timeouts", leaf(fields_of::<GlobalTimeouts>)),
         ("limits", leaf(fields_of::<LimitsSection>)),
         ("resolver", leaf(fields_of::<ResolverSection>)),
+        ("reload", leaf(fields_of::<ReloadSection>)),
         (
             "listener",
             Node::Array(&Node::Struct {

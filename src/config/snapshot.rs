@@ -32,6 +32,9 @@ pub struct Snapshot {
     pub limits: ConnLimits,
     pub timeouts: ConnTimeouts,
     pub resolver: ResolverSettings,
+    /// `[reload] watch`: how often to look at the file for changes; `None`: only on a signal or
+    /// `POST /reload`.
+    pub watch: Option<Duration>,
 }
 
 /// How server names are resolved (`[resolver]`).

@@ -737,6 +737,7 @@ fn key_scan_describes_every_table() {
             ".listener[].client_auth",
             ".listener[].tls[]",
             ".log",
+            ".reload",
             ".resolver",
             ".route[]",
             ".route[].respond",
