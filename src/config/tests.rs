@@ -995,3 +995,24 @@ fn resilience_key_errors_point_at_the_value() {
         "bad name server",
     );
 }
+
+#[test]
+fn reload_watch_is_off_by_default_and_its_interval_needs_it() {
+    assert_eq!(ok(LISTENER).watch, None);
+    let on = ok(&format!("{LISTENER}[reload]\nwatch = true\n"));
+    assert_eq!(on.watch, Some(std::time::Duration::from_secs(1)));
+    let every = ok(&format!(
+        "{LISTENER}[reload]\nwatch = true\ninterval = \"250ms\"\n"
+    ));
+    assert_eq!(every.watch, Some(std::time::Duration::from_millis(250)));
+    assert_one_error(
+        &format!("{LISTENER}[reload]\ninterval = \"5s\"\n"),
+        "5:12",
+        "no effect without watch = true",
+    );
+    assert_one_error(
+        &format!("{LISTENER}[reload]\nwatch = true\ninterval = \"0s\"\n"),
+        "6:12",
+        "",
+    );
+}
