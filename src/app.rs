@@ -18,6 +18,7 @@ use crate::access_log::AccessLog;
 use crate::admin::{self, AdminState};
 use crate::config::snapshot::Snapshot;
 use crate::config::{self, ConfigError};
+use crate::http2::client::H2Pool;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::reload::{ReloadError, ReloadReport, Reloader};
@@ -28,6 +29,8 @@ pub struct Shared {
     /// The config in force. A request loads it once and keeps that snapshot to its end.
     pub config: ArcSwap<Snapshot>,
     pub pool: Pool,
+    /// Multiplexed connections to HTTP/2 upstreams, shared the same way.
+    pub h2_pool: H2Pool,
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
     /// Cancelled when the drain starts: stop accepting, close idle connections, and answer
@@ -43,6 +46,7 @@ impl Shared {
         Shared {
             config: ArcSwap::from_pointee(snapshot),
             pool: Pool::default(),
+            h2_pool: H2Pool::default(),
             metrics,
             access_log,
             drain: CancellationToken::new(),

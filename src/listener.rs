@@ -60,14 +60,29 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 // Read per connection, so that a reload's new certificates apply to the next one.
-                let tls = shared
+                let (tls, h2c) = shared
                     .config
                     .load()
                     .listeners
                     .iter()
                     .find(|l| *l.name == *name)
-                    .and_then(|l| l.tls.as_ref().map(|t| Arc::clone(&t.0)));
-                connections.spawn(conn::serve(stream, peer, Arc::clone(&shared), permit, tls));
+                    .map_or((None, false), |l| {
+                        let tls = l.tls.as_ref().map(|t| Arc::clone(&t.0));
+                        let h2c = l.http2 && tls.is_none();
+                        (tls, h2c)
+                    });
+                let listener = conn::ListenerConn {
+                    tls,
+                    h2c,
+                    stop: stop.clone(),
+                };
+                connections.spawn(conn::serve(
+                    stream,
+                    peer,
+                    Arc::clone(&shared),
+                    permit,
+                    listener,
+                ));
             }
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of spinning on the error.

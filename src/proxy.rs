@@ -16,6 +16,7 @@
 
 mod acquire;
 mod error;
+pub mod h2;
 mod tunnel;
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -30,7 +31,9 @@ use acquire::{acquire, open, pick_request, server_failed, server_index};
 
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
-use crate::config::snapshot::{FixedResponse, Route, RouteAction, Snapshot, Upstream};
+use crate::config::snapshot::{
+    FixedResponse, Route, RouteAction, Snapshot, Upstream, UpstreamProtocol,
+};
 use crate::conn::Client;
 use crate::deadline;
 use crate::http1::body::{self, Decoder, Encoder, RelayError, RelayLimits};
@@ -101,7 +104,7 @@ pub async fn handle(
         }
         tracing::debug!(client = %client.peer, status = ex.status, error = %err, "request failed");
     }
-    finish(client, head, route.map(|r| &**r), shared, &ex, started);
+    finish(client.peer, head, route.map(|r| &**r), shared, &ex, started);
     let keep_alive = head.keep_alive
         && ex.request_done
         && ex.response_done
@@ -179,6 +182,9 @@ async fn forward(
     shared: &Shared,
     ex: &mut Exchange,
 ) -> Result<(), ProxyError> {
+    if upstream.protocol != UpstreamProtocol::Http1 {
+        return Err(ProxyError::NeedsHttp2);
+    }
     match head.framing {
         Framing::Length(n) if n > route.max_body_bytes => return Err(ProxyError::BodyTooLarge),
         Framing::Chunked => {
@@ -193,7 +199,7 @@ async fn forward(
     // One list for every try of this request, even if DNS swaps in a new one meanwhile: the
     // indices in `tried` refer to it.
     let targets = upstream.targets.load_full();
-    let pick = pick_request(upstream, head, client);
+    let pick = pick_request(upstream, head, client.peer);
     let replay = buffer_body(client, head, route, ex).await?;
     // Whether the request may be sent again after it was sent once: the route says so, or it is
     // idempotent and has no body that was streamed away.
@@ -673,7 +679,7 @@ async fn send_error(client: &mut Client, head: &RequestHead, err: &ProxyError, e
 }
 
 fn finish(
-    client: &Client,
+    peer: std::net::SocketAddr,
     head: &RequestHead,
     route: Option<&Route>,
     shared: &Shared,
@@ -688,7 +694,7 @@ fn finish(
     if shared.access_log.is_enabled() && route.is_none_or(|r| r.access_log) {
         shared.access_log.log(AccessEntry {
             time: SystemTime::now(),
-            client: client.peer,
+            client: peer,
             method: head.raw.slice(head.method_span.range()),
             target: head.raw.slice(head.target.range()),
             host: head.raw.slice(head.host.range()),

@@ -27,6 +27,12 @@ mod dns;
 mod errors;
 #[path = "suite/health.rs"]
 mod health;
+#[path = "suite/http2.rs"]
+mod http2;
+#[path = "suite/http2_attacks.rs"]
+mod http2_attacks;
+#[path = "suite/http2_upstream.rs"]
+mod http2_upstream;
 #[path = "suite/pooling.rs"]
 mod pooling;
 #[path = "suite/reload.rs"]

@@ -28,6 +28,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub resolver: ResolverSection,
     #[serde(default)]
+    pub http2: Http2Section,
+    #[serde(default)]
     pub listener: Vec<Spanned<ListenerSection>>,
     /// Keyed by name; `compile.rs` restores file order from the key spans.
     #[serde(default)]
@@ -103,6 +105,24 @@ pub struct ListenerSection {
     pub max_connections: Option<Spanned<i64>>,
     /// `{ cert = "...", key = "..." }`, or a list of them (SNI picks; the first is the default).
     pub tls: Option<Spanned<TlsValue>>,
+    /// Plain listener: also take cleartext HTTP/2 with prior knowledge (h2c). TLS listener:
+    /// offer `h2` in ALPN (the default there).
+    pub http2: Option<bool>,
+}
+
+/// `[http2]`: HTTP/2 connection settings and the limits that fend off its known attacks.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http2Section {
+    pub max_concurrent_streams: Option<Spanned<i64>>,
+    pub max_header_list_size: Option<Spanned<SizeValue>>,
+    pub stream_window: Option<Spanned<SizeValue>>,
+    pub connection_window: Option<Spanned<SizeValue>>,
+    pub max_pending_resets: Option<Spanned<i64>>,
+    pub max_client_resets: Option<Spanned<i64>>,
+    pub max_local_error_resets: Option<Spanned<i64>>,
+    pub max_control_frames: Option<Spanned<i64>>,
+    pub send_timeout: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Debug)]
@@ -124,6 +144,8 @@ pub struct TlsCertSection {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
     pub servers: Spanned<Vec<Spanned<ServerEntry>>>,
+    /// `"http1"` (the default), `"h2c"` or `"h2"`.
+    pub protocol: Option<Spanned<String>>,
     pub keepalive: Option<Spanned<i64>>,
     pub timeouts: Option<UpstreamTimeoutsSection>,
     /// `"round_robin"`, `"random"`, `"least_requests"`, `"peak_ewma"`, `"consistent_hash"`.

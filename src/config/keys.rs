@@ -15,9 +15,10 @@ use toml::de::{DeTable, DeValue};
 
 use super::error::Problem;
 use super::file::{
-    AdminSection, FileConfig, GlobalTimeouts, HealthCheckSection, LimitsSection, ListenerSection,
-    LogSection, OutlierSection, ResolverSection, RespondSection, RetrySection, RouteSection,
-    RouteTimeoutsSection, ServerTable, TlsCertSection, UpstreamSection, UpstreamTimeoutsSection,
+    AdminSection, FileConfig, GlobalTimeouts, HealthCheckSection, Http2Section, LimitsSection,
+    ListenerSection, LogSection, OutlierSection, ResolverSection, RespondSection, RetrySection,
+    RouteSection, RouteTimeoutsSection, ServerTable, TlsCertSection, UpstreamSection,
+    UpstreamTimeoutsSection,
 };
 
 /// The shape of one value in the file, as far as key checking needs it.
@@ -48,6 +49,7 @@ pub(crate) static ROOT: Node = Node::Struct {
         ("timeouts", leaf(fields_of::<GlobalTimeouts>)),
         ("limits", leaf(fields_of::<LimitsSection>)),
         ("resolver", leaf(fields_of::<ResolverSection>)),
+        ("http2", leaf(fields_of::<Http2Section>)),
         (
             "listener",
             Node::Array(&Node::Struct {

@@ -16,6 +16,7 @@ use super::pool::ServerIdle;
 use super::state::ServerState;
 use crate::balance::{stable_hash, Algorithm, Balancer};
 use crate::config::snapshot::ServerSpec;
+use crate::http2::client::ServerConns;
 use crate::metrics::Metrics;
 
 #[derive(Debug)]
@@ -36,6 +37,8 @@ pub struct Server {
     /// This server's idle connections, looked up by `key` on first use and then held here, so
     /// a request reaches them without a map lookup. Empty in a freshly built list.
     pub idle: OnceLock<Arc<ServerIdle>>,
+    /// Its HTTP/2 connections, when the upstream speaks h2c; found like `idle`.
+    pub h2: OnceLock<Arc<ServerConns>>,
 }
 
 impl Server {
@@ -97,6 +100,7 @@ impl Targets {
                     state: registry.server_state(&key),
                     key,
                     idle: OnceLock::new(),
+                    h2: OnceLock::new(),
                 });
             }
         }

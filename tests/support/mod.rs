@@ -17,6 +17,7 @@ pub mod backend;
 pub mod body;
 pub mod dns;
 pub mod flaky;
+pub mod h2;
 pub mod http_upstream;
 pub mod proxy;
 pub mod raw;

@@ -22,7 +22,7 @@ use crate::config::file::{
 use crate::config::snapshot::{
     BalanceSettings, HealthCheckKind, HealthCheckSettings, HostMatch, OutlierSettings,
     QueueSettings, RetrySettings, ServerHost, ServerSpec, StatusSet, Targets, Upstream,
-    UpstreamLive, UpstreamTimeouts,
+    UpstreamLive, UpstreamProtocol, UpstreamTimeouts,
 };
 use crate::config::values;
 
@@ -46,6 +46,7 @@ impl Checker<'_> {
     fn upstream(&mut self, name: String, section: UpstreamSection, globals: &Globals) -> Upstream {
         let UpstreamSection {
             servers,
+            protocol,
             keepalive,
             timeouts,
             balance,
@@ -148,6 +149,27 @@ impl Checker<'_> {
             idle: self.duration(idle, g.idle),
             tunnel_idle: self.duration(tunnel_idle, g.tunnel_idle),
         };
+        let protocol = match &protocol {
+            None => UpstreamProtocol::Http1,
+            Some(p) => match p.get_ref().as_str() {
+                "http1" => UpstreamProtocol::Http1,
+                "h2c" => UpstreamProtocol::H2c,
+                "h2" => {
+                    self.report(
+                        p.span(),
+                        "protocol = \"h2\" is HTTP/2 over TLS, and TLS to upstreams is not available yet; use \"h2c\" for cleartext HTTP/2",
+                    );
+                    UpstreamProtocol::Http1
+                }
+                other => {
+                    let message = format!(
+                        "unknown protocol {other:?}: expected \"http1\", \"h2c\" or \"h2\""
+                    );
+                    self.report(p.span(), message);
+                    UpstreamProtocol::Http1
+                }
+            },
+        };
         let algorithm = self.algorithm(&name, balance, hash_key);
         let sticky_cookie = sticky_cookie.and_then(|c| {
             let ok = values::cookie_name(c.get_ref());
@@ -184,6 +206,7 @@ impl Checker<'_> {
             queue,
             timeouts,
             max_idle_per_server,
+            protocol,
             metrics: Arc::default(),
             live: UpstreamLive::default(),
         }
