@@ -25,6 +25,8 @@ mod cli;
 mod dns;
 #[path = "suite/errors.rs"]
 mod errors;
+#[path = "suite/grpc.rs"]
+mod grpc;
 #[path = "suite/health.rs"]
 mod health;
 #[path = "suite/http2.rs"]
