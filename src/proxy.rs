@@ -17,6 +17,7 @@
 mod acquire;
 mod error;
 pub mod h2;
+mod h2_upstream;
 mod tunnel;
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -182,9 +183,6 @@ async fn forward(
     shared: &Shared,
     ex: &mut Exchange,
 ) -> Result<(), ProxyError> {
-    if upstream.protocol != UpstreamProtocol::Http1 {
-        return Err(ProxyError::NeedsHttp2);
-    }
     match head.framing {
         Framing::Length(n) if n > route.max_body_bytes => return Err(ProxyError::BodyTooLarge),
         Framing::Chunked => {
@@ -194,6 +192,9 @@ async fn forward(
             })?;
         }
         _ => {}
+    }
+    if upstream.protocol == UpstreamProtocol::H2c {
+        return h2_upstream::forward_from_h1(client, head, route, upstream, shared, ex).await;
     }
     let timeouts = route.upstream_timeouts.unwrap_or(upstream.timeouts);
     // One list for every try of this request, even if DNS swaps in a new one meanwhile: the

@@ -289,6 +289,71 @@ pub fn upstream_request(
     Ok(request)
 }
 
+/// The HTTP/1.1 head for an HTTP/2 upstream's response, for an HTTP/1.1 client: status line
+/// (with the standard reason phrase), the fields, our Via, and the framing and persistence
+/// the proxy chose. `bodiless_length`: the Content-Length of a HEAD or 304 response, which
+/// describes the representation and is passed on.
+pub fn write_h1_response(
+    out: &mut Vec<u8>,
+    parts: &http::response::Parts,
+    framing: crate::http1::Framing,
+    persistence: crate::http1::write::Persistence,
+    bodiless_length: Option<u64>,
+) {
+    use crate::http1::write::Persistence;
+    use crate::http1::Framing;
+    out.clear();
+    out.reserve(256 + parts.headers.len() * 32);
+    let status = parts.status.as_u16();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(crate::http1::write::reason(status).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if is_connection_specific(name) || name == header::CONTENT_LENGTH || name == header::TE {
+            continue;
+        }
+        line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    line(out, b"via", VIA_H2.as_bytes());
+    match framing {
+        Framing::Length(n) => {
+            line(
+                out,
+                b"content-length",
+                itoa::Buffer::new().format(n).as_bytes(),
+            );
+        }
+        Framing::Chunked => line(out, b"transfer-encoding", b"chunked"),
+        Framing::Empty => {
+            if let Some(n) = bodiless_length {
+                line(
+                    out,
+                    b"content-length",
+                    itoa::Buffer::new().format(n).as_bytes(),
+                );
+            } else if !matches!(status, 204 | 304) {
+                line(out, b"content-length", b"0");
+            }
+        }
+        Framing::UntilClose => {}
+    }
+    match persistence {
+        Persistence::KeepAlive => {}
+        Persistence::KeepAlive10 => line(out, b"connection", b"keep-alive"),
+        Persistence::Close => line(out, b"connection", b"close"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// The bytes of a local error or fixed response's body, as `Bytes`.
 pub fn body_bytes(text: &str) -> Bytes {
     Bytes::copy_from_slice(text.as_bytes())

@@ -147,7 +147,7 @@ pub(super) async fn acquire<'t>(
 const MAX_CONNECT_TRIES: usize = 8;
 
 /// Waits in the upstream's queue until a server is under its cap again, or answers 503.
-async fn wait_for_server(
+pub(super) async fn wait_for_server(
     upstream: &Upstream,
     targets: &Targets,
     pick: select::Request,

@@ -26,9 +26,6 @@ pub enum ProxyError {
     Saturated,
     #[error("upstream failed: {}", .0.as_str())]
     Upstream(UpstreamErrorKind),
-    /// An HTTP/1.1 request for an upstream that speaks only HTTP/2 (not bridged yet).
-    #[error("this upstream speaks HTTP/2; only HTTP/2 clients can reach it for now")]
-    NeedsHttp2,
 }
 
 impl ProxyError {
@@ -49,7 +46,7 @@ impl ProxyError {
             ProxyError::Upstream(
                 UpstreamErrorKind::Timeout | UpstreamErrorKind::ConnectTimeout,
             ) => 504,
-            ProxyError::Upstream(_) | ProxyError::NeedsHttp2 => 502,
+            ProxyError::Upstream(_) => 502,
         }
     }
 

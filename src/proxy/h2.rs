@@ -27,7 +27,7 @@ use http::header::{self, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::acquire::{acquire, open, pick_request, server_failed, server_index};
-use super::{finish, relay_error_kind, Exchange, ProxyError, REPLAY_LIMIT};
+use super::{finish, h2_upstream, relay_error_kind, Exchange, ProxyError, REPLAY_LIMIT};
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
 use crate::config::snapshot::{
@@ -40,13 +40,11 @@ use crate::http1::request::{Method, RequestHead};
 use crate::http1::response::{self, ResponseHead};
 use crate::http1::write::{self, Forwarded};
 use crate::http1::Framing;
-use crate::http2::client::Lease;
 use crate::http2::server::{ConnShared, StreamGuard};
 use crate::http2::translate;
 use crate::metrics::{Abuse, UpstreamErrorKind};
 use crate::upstream::select::{self, NoServer, Tried};
 use crate::upstream::state::{now_ms, now_ns, UpstreamFailure};
-use crate::upstream::targets::InFlight;
 use crate::upstream::{self, UpstreamConn};
 
 /// Serves one stream to its end.
@@ -101,7 +99,9 @@ pub async fn serve_stream(
                     UpstreamProtocol::Http1 => {
                         forward_h1(&s, &mut respond, &mut body, &mut ex).await
                     }
-                    UpstreamProtocol::H2c => forward_h2(&s, &mut respond, &mut body, &mut ex).await,
+                    UpstreamProtocol::H2c => {
+                        h2_upstream::forward_h2(&s, &mut respond, &mut body, &mut ex).await
+                    }
                 }
             }
         },
@@ -118,14 +118,14 @@ pub async fn serve_stream(
 }
 
 /// What one forwarded stream works with.
-struct Stream<'a> {
-    head: &'a RequestHead,
-    headers: &'a http::HeaderMap,
-    route: &'a Route,
-    upstream: &'a Upstream,
-    shared: &'a Shared,
-    conn: &'a ConnShared,
-    send_timeout: Duration,
+pub(super) struct Stream<'a> {
+    pub(super) head: &'a RequestHead,
+    pub(super) headers: &'a http::HeaderMap,
+    pub(super) route: &'a Route,
+    pub(super) upstream: &'a Upstream,
+    pub(super) shared: &'a Shared,
+    pub(super) conn: &'a ConnShared,
+    pub(super) send_timeout: Duration,
 }
 
 /// A request whose head could not be used is logged as `conn.rs` logs a refused HTTP/1.1 head.
@@ -230,7 +230,7 @@ async fn send_error(
 }
 
 /// Why a response could not be sent on.
-enum SendFail {
+pub(super) enum SendFail {
     /// The client reset the stream or the connection ended.
     Gone,
     /// No window for `send_timeout`: the stream was reset and the connection is closing.
@@ -239,7 +239,7 @@ enum SendFail {
 
 /// Sends `data` as the client's window allows, never more than it allows: h2 buffers nothing
 /// beyond what was granted, so a client that does not read costs us one window, not a body.
-async fn send_all(
+pub(super) async fn send_all(
     send: &mut SendStream<Bytes>,
     mut data: Bytes,
     timeout: Duration,
@@ -269,7 +269,7 @@ async fn send_all(
 }
 
 /// Resolves when the client resets the stream.
-async fn client_reset(respond: &mut SendResponse<Bytes>) {
+pub(super) async fn client_reset(respond: &mut SendResponse<Bytes>) {
     let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
 }
 
@@ -572,7 +572,7 @@ fn may_retry(
     true
 }
 
-fn sticky_cookie(
+pub(super) fn sticky_cookie(
     res: &mut http::Response<()>,
     upstream: &Upstream,
     pinned: Option<u64>,
@@ -721,363 +721,4 @@ async fn upload_h1(
     .await;
     out.clear();
     write_err(sent)
-}
-
-/// Picks a server and leases a stream on one of its HTTP/2 connections, moving on to another
-/// server when connecting fails (as `acquire` does for HTTP/1.1).
-async fn acquire_h2<'a>(
-    s: &Stream<'a>,
-    targets: &'a Targets,
-    pick: select::Request,
-    tried: &mut Tried,
-    timeouts: &UpstreamTimeouts,
-) -> Result<(usize, Lease, InFlight<'a>), ProxyError> {
-    let upstream = s.upstream;
-    // The selection rules, queue included, are `acquire`'s; only the connection differs.
-    let most = targets.servers.len().clamp(1, 8);
-    let mut last = ProxyError::NoServers;
-    let mut failed = 0;
-    while failed < most {
-        let idx = match select::select(upstream, targets, pick, *tried) {
-            Ok(idx) => idx,
-            Err(NoServer::None) => break,
-            Err(NoServer::Saturated) => {
-                upstream.metrics.saturated.fetch_add(1, Relaxed);
-                return Err(ProxyError::Saturated);
-            }
-        };
-        let server = &targets.servers[idx];
-        let Some(in_flight) = server.try_begin(&upstream.live) else {
-            continue;
-        };
-        let opened = || {
-            upstream.metrics.connections_opened.fetch_add(1, Relaxed);
-        };
-        match s
-            .shared
-            .h2_pool
-            .lease(server, timeouts.connect, opened)
-            .await
-        {
-            Ok(lease) => {
-                if lease.reused {
-                    upstream.metrics.connections_reused.fetch_add(1, Relaxed);
-                }
-                return Ok((idx, lease, in_flight));
-            }
-            Err(kind) => {
-                upstream.metrics.error(kind);
-                server_failed(
-                    upstream,
-                    targets,
-                    server,
-                    UpstreamFailure::Io(kind),
-                    Duration::ZERO,
-                );
-                tried.add(idx);
-                failed += 1;
-                last = ProxyError::Upstream(kind);
-            }
-        }
-    }
-    Err(last)
-}
-
-/// To an HTTP/2 upstream: the request goes out on a shared connection, and the two bodies
-/// move at the same time, each with its trailers.
-async fn forward_h2(
-    s: &Stream<'_>,
-    respond: &mut SendResponse<Bytes>,
-    body: &mut RecvStream,
-    ex: &mut Exchange,
-) -> Result<(), ProxyError> {
-    let (head, route, upstream) = (s.head, s.route, s.upstream);
-    if let Framing::Length(n) = head.framing {
-        if n > route.max_body_bytes {
-            return Err(ProxyError::BodyTooLarge);
-        }
-    }
-    let timeouts = route.upstream_timeouts.unwrap_or(upstream.timeouts);
-    let targets = upstream.targets.load_full();
-    let pick = pick_request(upstream, head, s.conn.peer);
-    let request = translate::upstream_request(
-        head,
-        s.headers,
-        &translate::Forwarded {
-            client_ip: &s.conn.peer_ip,
-            https: s.conn.tls,
-        },
-    )
-    .map_err(ProxyError::Head)?;
-    let end_of_stream = body.is_end_stream();
-    upstream.live.budget.deposit(upstream.retry.budget_ratio);
-    let started = Instant::now();
-
-    // Opening the stream: a connection that went away under us (GOAWAY, closed) is safe to
-    // replace, since nothing of this request was sent on it.
-    let open_stream = async {
-        let mut tried = Tried::default();
-        let mut tries = 0u32;
-        loop {
-            tries += 1;
-            let (idx, lease, in_flight) =
-                acquire_h2(s, &targets, pick, &mut tried, &timeouts).await?;
-            let server = &targets.servers[idx];
-            ex.upstream = Some(server.address);
-            let ready = tokio::time::timeout(timeouts.connect, lease.send.clone().ready()).await;
-            let sent = match ready {
-                Ok(Ok(mut sender)) => sender
-                    .send_request(request.clone(), end_of_stream)
-                    .map_err(|e| (e, UpstreamErrorKind::Reset)),
-                Ok(Err(e)) => Err((e, UpstreamErrorKind::Reset)),
-                Err(_) => {
-                    lease.retire();
-                    upstream.metrics.error(UpstreamErrorKind::Timeout);
-                    return Err(ProxyError::Upstream(UpstreamErrorKind::Timeout));
-                }
-            };
-            match sent {
-                Ok((response, up_send)) if end_of_stream => {
-                    // Nothing more to send: the head can be awaited here, and a stream the
-                    // server never processed (refused, or beyond its GOAWAY) is tried again
-                    // on a fresh connection (RFC 9113 §8.7).
-                    let waited = tokio::time::timeout(timeouts.response_header, response).await;
-                    match waited {
-                        Ok(Err(e))
-                            if (e.is_go_away()
-                                || e.reason() == Some(h2::Reason::REFUSED_STREAM))
-                                && tries < upstream.retry.attempts.max(2) =>
-                        {
-                            tracing::debug!(server = %server.address, error = %e, "HTTP/2 stream not processed; trying again");
-                            lease.retire();
-                            continue;
-                        }
-                        waited => {
-                            return Ok((server, lease, in_flight, Head::Ready(waited), up_send))
-                        }
-                    }
-                }
-                Ok((response, up_send)) => {
-                    return Ok((server, lease, in_flight, Head::Pending(response), up_send));
-                }
-                Err((e, kind)) => {
-                    tracing::debug!(server = %server.address, error = %e, "HTTP/2 upstream refused a stream");
-                    lease.retire();
-                    upstream.metrics.error(kind);
-                    if tries >= upstream.retry.attempts.max(2) {
-                        return Err(ProxyError::Upstream(kind));
-                    }
-                }
-            }
-        }
-    };
-    let (server, _lease, _in_flight, response, mut up_send) = tokio::select! {
-        opened = open_stream => opened?,
-        () = client_reset(respond) => return Err(ProxyError::ClientGone),
-    };
-
-    let upload = async {
-        if end_of_stream {
-            return Ok(());
-        }
-        upload_h2(body, &mut up_send, route, s.send_timeout).await
-    };
-    let download = async {
-        let try_started = Instant::now();
-        let response = match response {
-            Head::Ready(r) => r,
-            Head::Pending(pending) => tokio::select! {
-                r = tokio::time::timeout(timeouts.response_header, pending) => r,
-                () = client_reset(respond) => return Err(ProxyError::ClientGone),
-            },
-        };
-        let response = match response {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                let kind = if e.is_go_away() || e.is_io() {
-                    UpstreamErrorKind::ClosedEarly
-                } else {
-                    UpstreamErrorKind::Reset
-                };
-                upstream.metrics.error(kind);
-                server_failed(
-                    upstream,
-                    &targets,
-                    server,
-                    UpstreamFailure::Io(kind),
-                    try_started.elapsed(),
-                );
-                return Err(ProxyError::Upstream(kind));
-            }
-            Err(_) => {
-                upstream.metrics.error(UpstreamErrorKind::Timeout);
-                return Err(ProxyError::Upstream(UpstreamErrorKind::Timeout));
-            }
-        };
-        let rtt = try_started.elapsed();
-        let status = response.status().as_u16();
-        if status >= 500 && upstream.outlier.count_5xx {
-            server_failed(
-                upstream,
-                &targets,
-                server,
-                UpstreamFailure::Status(status),
-                rtt,
-            );
-        } else {
-            server.state.record_success(rtt, now_ns());
-        }
-        let (parts, mut up_body) = response.into_parts();
-        let mut res = translate::response_from_h2(http::Response::from_parts(parts, ()));
-        sticky_cookie(&mut res, upstream, pick.sticky, server);
-        ex.status = status;
-        ex.response_started = true;
-        let empty = up_body.is_end_stream();
-        let mut send = respond
-            .send_response(res, empty)
-            .map_err(|_| ProxyError::ClientGone)?;
-        if empty {
-            ex.response_done = true;
-            return Ok(());
-        }
-        loop {
-            let next = deadline::limit(timeouts.read, up_body.data()).await;
-            match next {
-                Ok(Some(Ok(data))) => {
-                    let n = data.len();
-                    if send_all(&mut send, data, s.send_timeout, s.conn)
-                        .await
-                        .is_err()
-                    {
-                        return Ok(());
-                    }
-                    ex.bytes_sent += n as u64;
-                    let _ = up_body.flow_control().release_capacity(n);
-                }
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "HTTP/2 upstream response body failed");
-                    upstream.metrics.error(UpstreamErrorKind::Reset);
-                    send.send_reset(h2::Reason::INTERNAL_ERROR);
-                    return Ok(());
-                }
-                Err(_) => {
-                    upstream.metrics.error(UpstreamErrorKind::Timeout);
-                    send.send_reset(h2::Reason::INTERNAL_ERROR);
-                    return Ok(());
-                }
-            }
-        }
-        let ended = match deadline::limit(timeouts.read, up_body.trailers()).await {
-            Ok(Ok(Some(mut trailers))) => {
-                translate::strip_connection_specific(&mut trailers);
-                send.send_trailers(trailers)
-            }
-            Ok(Ok(None)) => send.send_data(Bytes::new(), true),
-            Ok(Err(_)) | Err(_) => {
-                send.send_reset(h2::Reason::INTERNAL_ERROR);
-                return Ok(());
-            }
-        };
-        if ended.is_ok() {
-            ex.response_done = true;
-        }
-        Ok(())
-    };
-    tokio::pin!(upload);
-    tokio::pin!(download);
-    let mut uploading = !end_of_stream;
-    let result = loop {
-        tokio::select! {
-            sent = &mut upload, if uploading => {
-                uploading = false;
-                if let Err(e) = sent {
-                    // The client's body failed: the upstream must not take a partial one
-                    // for a whole one.
-                    break Err(e);
-                }
-            }
-            done = &mut download => break done,
-        }
-    };
-    // If the response ended first (a server may answer before reading everything), the rest
-    // of the request is not wanted: the upload stops here, and its stream is reset when
-    // `up_send` goes.
-    ex.upstream_time = Some(started.elapsed());
-    result
-}
-
-/// An HTTP/2 upstream's response head: already awaited, or still to come.
-enum Head {
-    Ready(Result<Result<http::Response<RecvStream>, h2::Error>, tokio::time::error::Elapsed>),
-    Pending(h2::client::ResponseFuture),
-}
-
-/// Relays the client's DATA and trailers to the upstream stream, each side's window
-/// respected: the client's capacity is released only once the upstream took the bytes.
-async fn upload_h2(
-    body: &mut RecvStream,
-    up_send: &mut SendStream<Bytes>,
-    route: &Route,
-    send_timeout: Duration,
-) -> Result<(), ProxyError> {
-    let mut total = 0u64;
-    loop {
-        match deadline::limit(route.client_body_timeout, body.data()).await {
-            Err(_) => {
-                up_send.send_reset(h2::Reason::CANCEL);
-                return Err(ProxyError::ClientTimeout);
-            }
-            Ok(None) => break,
-            Ok(Some(Err(_))) => {
-                up_send.send_reset(h2::Reason::CANCEL);
-                return Err(ProxyError::ClientGone);
-            }
-            Ok(Some(Ok(mut chunk))) => {
-                let n = chunk.len();
-                total += n as u64;
-                if total > route.max_body_bytes {
-                    up_send.send_reset(h2::Reason::CANCEL);
-                    return Err(ProxyError::BodyTooLarge);
-                }
-                while !chunk.is_empty() {
-                    up_send.reserve_capacity(chunk.len());
-                    let granted = tokio::time::timeout(
-                        send_timeout,
-                        std::future::poll_fn(|cx| up_send.poll_capacity(cx)),
-                    )
-                    .await;
-                    match granted {
-                        Ok(Some(Ok(k))) => {
-                            let k = k.min(chunk.len());
-                            if k > 0 && up_send.send_data(chunk.split_to(k), false).is_err() {
-                                return Err(ProxyError::Upstream(UpstreamErrorKind::Reset));
-                            }
-                        }
-                        Ok(Some(Err(_)) | None) => {
-                            return Err(ProxyError::Upstream(UpstreamErrorKind::Reset))
-                        }
-                        Err(_) => {
-                            up_send.send_reset(h2::Reason::CANCEL);
-                            return Err(ProxyError::Upstream(UpstreamErrorKind::Timeout));
-                        }
-                    }
-                }
-                let _ = body.flow_control().release_capacity(n);
-            }
-        }
-    }
-    let trailers = match deadline::limit(route.client_body_timeout, body.trailers()).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(_)) => return Err(ProxyError::ClientGone),
-        Err(_) => return Err(ProxyError::ClientTimeout),
-    };
-    let ended = match trailers {
-        Some(mut map) => {
-            translate::strip_connection_specific(&mut map);
-            up_send.send_trailers(map)
-        }
-        None => up_send.send_data(Bytes::new(), true),
-    };
-    ended.map_err(|_| ProxyError::Upstream(UpstreamErrorKind::Reset))
 }

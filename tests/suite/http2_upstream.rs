@@ -189,7 +189,7 @@ async fn a_goaway_from_the_upstream_moves_new_requests_to_a_fresh_connection() {
 }
 
 #[tokio::test]
-async fn an_h2c_upstream_that_is_down_is_a_502_and_http1_clients_are_told_why() {
+async fn an_h2c_upstream_that_is_down_is_a_502() {
     let proxy = Proxy::start_toml(&format!(
         "{H2C_CONFIG}{}{}",
         h2c_upstream_toml(support::closed_port()),
@@ -201,5 +201,50 @@ async fn an_h2c_upstream_that_is_down_is_a_502_and_http1_clients_are_told_why() 
     assert_eq!(status, 502);
     let res = support::client().get(proxy.url("/")).send().await.unwrap();
     assert_eq!(res.status(), 502);
-    assert!(res.text().await.unwrap().contains("only HTTP/2 clients"));
+}
+
+#[tokio::test]
+async fn http1_clients_reach_an_h2c_upstream_too() {
+    let up = H2Upstream::start(echo_h2).await;
+    let proxy = Proxy::start_toml(&format!(
+        "{H2C_CONFIG}{}{}",
+        h2c_upstream_toml(up.addr()),
+        route_toml("/", "app")
+    ))
+    .await;
+    let client = support::client();
+    for i in 0..3 {
+        let res = client
+            .get(proxy.url(&format!("/h1/{i}")))
+            .header("x-custom", "kept")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers().get("via").unwrap(), "2 gatehouse");
+        let text = res.text().await.unwrap();
+        assert!(text.contains(&format!("/h1/{i} HTTP/2.0 len=0")), "{text}");
+        assert!(text.contains("\nx-custom: kept\n"), "{text}");
+        assert!(text.contains("\nx-forwarded-for: 127.0.0.1\n"), "{text}");
+        assert!(!text.contains("\nconnection:"), "{text}");
+    }
+    // A body of unknown length (chunked) streams up as DATA frames.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..50).map(|_| Ok(vec![b'z'; 10_000])).collect();
+    let res = client
+        .post(proxy.url("/upload"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert!(text.contains("len=500000"), "{text}");
+    assert_eq!(
+        up.connections(),
+        1,
+        "HTTP/1.1 and HTTP/2 clients share the connection"
+    );
 }
