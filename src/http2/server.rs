@@ -92,7 +92,9 @@ pub async fn serve<T>(
         .max_pending_accept_reset_streams(settings.max_pending_resets)
         .max_local_error_reset_streams(Some(settings.max_local_error_resets))
         // A stream buffers at most one window's worth of response; the rest waits upstream.
-        .max_send_buffer_size(settings.stream_window as usize);
+        .max_send_buffer_size(settings.stream_window as usize)
+        // RFC 8441: WebSocket over HTTP/2, carried to HTTP/1.1 upstreams as an Upgrade.
+        .enable_connect_protocol();
     let handshake = builder.handshake::<_, Bytes>(io);
     let mut conn =
         match tokio::time::timeout_at(connected + snap.timeouts.client_header, handshake).await {

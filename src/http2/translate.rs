@@ -40,9 +40,17 @@ pub fn request_head(
     end_of_stream: bool,
     limits: &ConnLimits,
 ) -> Result<RequestHead, HeadError> {
-    if parts.method == http::Method::CONNECT {
-        return Err(HeadError::Malformed("CONNECT is not supported over HTTP/2"));
-    }
+    // RFC 8441 §4: an extended CONNECT with `:protocol = websocket` is a WebSocket opening
+    // handshake, which an HTTP/1.1 upstream takes as the RFC 6455 Upgrade request.
+    let websocket = if parts.method == http::Method::CONNECT {
+        match parts.extensions.get::<h2::ext::Protocol>() {
+            Some(p) if p.as_str().eq_ignore_ascii_case("websocket") => true,
+            Some(_) => return Err(HeadError::Malformed("unsupported :protocol")),
+            None => return Err(HeadError::Malformed("CONNECT is not supported over HTTP/2")),
+        }
+    } else {
+        false
+    };
     let target = parts
         .uri
         .path_and_query()
@@ -52,7 +60,12 @@ pub fn request_head(
         return Err(HeadError::Malformed("empty :path"));
     }
     let mut buf = BytesMut::with_capacity(256 + parts.headers.len() * 32);
-    buf.extend_from_slice(parts.method.as_str().as_bytes());
+    let method = if websocket {
+        "GET"
+    } else {
+        parts.method.as_str()
+    };
+    buf.extend_from_slice(method.as_bytes());
     buf.extend_from_slice(b" ");
     buf.extend_from_slice(target);
     buf.extend_from_slice(b" HTTP/1.1\r\n");
@@ -103,7 +116,12 @@ pub fn request_head(
         }
         field(&mut buf, name.as_str().as_bytes(), value.as_bytes());
     }
-    if !end_of_stream && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+    if websocket {
+        // The stream's DATA is the tunnel, not a body. The key is ours: RFC 8441 §5 drops it
+        // from HTTP/2, and the upstream's answer to it is checked by no one but us.
+        buf.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\n");
+        field(&mut buf, b"sec-websocket-key", &websocket_key());
+    } else if !end_of_stream && !parts.headers.contains_key(header::CONTENT_LENGTH) {
         buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     buf.extend_from_slice(b"\r\n");
@@ -111,6 +129,26 @@ pub fn request_head(
         Some(head) => Ok(head),
         None => Err(HeadError::Malformed("incomplete request")),
     }
+}
+
+/// A fresh Sec-WebSocket-Key: 16 random bytes in base64 (RFC 6455 §4.1).
+fn websocket_key() -> [u8; 24] {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut raw = [0u8; 18];
+    for b in raw.iter_mut().take(16) {
+        *b = fastrand::u8(..);
+    }
+    let mut out = [b'='; 24];
+    for (i, chunk) in raw.chunks(3).enumerate() {
+        let n = u32::from(chunk[0]) << 16 | u32::from(chunk[1]) << 8 | u32::from(chunk[2]);
+        for j in 0..4 {
+            out[i * 4 + j] = ALPHABET[(n >> (18 - 6 * j) & 63) as usize];
+        }
+    }
+    // 16 bytes are 22 characters and two of padding.
+    out[22] = b'=';
+    out[23] = b'=';
+    out
 }
 
 fn field(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
@@ -430,7 +468,15 @@ mod tests {
             .uri("a:443")
             .body(())
             .unwrap();
-        for req in [host_differs, te, conn, connect] {
+        let mut other_protocol = http::Request::builder()
+            .method("CONNECT")
+            .uri("http://a/x")
+            .body(())
+            .unwrap();
+        other_protocol
+            .extensions_mut()
+            .insert(h2::ext::Protocol::from_static("connect-udp"));
+        for req in [host_differs, te, conn, connect, other_protocol] {
             assert!(request_head(&parts(req), true, &limits()).is_err());
         }
         let trailers_ok = http::Request::builder()
@@ -439,6 +485,25 @@ mod tests {
             .body(())
             .unwrap();
         assert!(request_head(&parts(trailers_ok), true, &limits()).is_ok());
+    }
+
+    #[test]
+    fn a_websocket_connect_becomes_an_upgrade_request() {
+        let mut req = http::Request::builder()
+            .method("CONNECT")
+            .uri("https://a.example/chat")
+            .header("sec-websocket-version", "13")
+            .body(())
+            .unwrap();
+        req.extensions_mut()
+            .insert(h2::ext::Protocol::from_static("websocket"));
+        let head = request_head(&parts(req), false, &limits()).unwrap();
+        assert_eq!(head.method, crate::http1::request::Method::Get);
+        assert_eq!(head.framing, Framing::Empty);
+        assert_eq!(head.upgrade.map(|u| head.bytes(u)), Some(&b"websocket"[..]));
+        let key = head.field("sec-websocket-key").unwrap();
+        assert_eq!(key.len(), 24);
+        assert!(key.ends_with(b"=="));
     }
 
     #[test]

@@ -448,6 +448,36 @@ async fn forward_h1(
         done = tries => done?,
         () = client_reset(respond) => return Err(ProxyError::ClientGone),
     };
+    if response.status == 101 {
+        // RFC 8441 §5: the WebSocket is open; the client hears 200 and the stream carries it.
+        let mut res = translate::response_from_h1(&response, false)
+            .map_err(|_| ProxyError::Upstream(UpstreamErrorKind::BadResponse))?;
+        *res.status_mut() = http::StatusCode::OK;
+        let drop_names = ["sec-websocket-accept", "content-length"];
+        for name in drop_names {
+            res.headers_mut().remove(name);
+        }
+        ex.status = 200;
+        ex.response_started = true;
+        let mut send = respond
+            .send_response(res, false)
+            .map_err(|_| ProxyError::ClientGone)?;
+        let early = up_buf.split().freeze();
+        let moved = tunnel_h2(
+            body,
+            &mut send,
+            &mut conn.stream,
+            early,
+            timeouts.tunnel_idle,
+            s,
+        )
+        .await;
+        ex.bytes_sent = moved;
+        ex.request_done = true;
+        ex.response_done = true;
+        ex.upstream_time = Some(started.elapsed());
+        return Ok(());
+    }
 
     let length_known = matches!(response.framing, Framing::Length(_) | Framing::Empty);
     let mut res = translate::response_from_h1(&response, length_known)
@@ -528,6 +558,76 @@ async fn forward_h1(
         }
     }
     Ok(())
+}
+
+/// A WebSocket over HTTP/2 (RFC 8441) to an HTTP/1.1 upstream that switched protocols: the
+/// stream's DATA both ways is the upstream connection's bytes, until either side ends or
+/// nothing moved either way for `idle`. Returns the bytes sent to the client.
+async fn tunnel_h2(
+    body: &mut RecvStream,
+    send: &mut SendStream<Bytes>,
+    up: &mut tokio::net::TcpStream,
+    early: Bytes,
+    idle: Duration,
+    s: &Stream<'_>,
+) -> u64 {
+    use std::sync::atomic::AtomicU64;
+    let last = AtomicU64::new(now_ms());
+    let (mut up_read, mut up_write) = up.split();
+    let to_upstream = async {
+        while let Some(Ok(data)) = body.data().await {
+            let n = data.len();
+            if up_write.write_all(&data).await.is_err() {
+                break;
+            }
+            let _ = body.flow_control().release_capacity(n);
+            last.store(now_ms(), Relaxed);
+        }
+        let _ = up_write.shutdown().await;
+    };
+    let to_client = async {
+        let mut total = early.len() as u64;
+        if !early.is_empty() && send_all(send, early, s.send_timeout, s.conn).await.is_err() {
+            return total;
+        }
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        loop {
+            buf.reserve(16 * 1024);
+            match up_read.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = send.send_data(Bytes::new(), true);
+                    return total;
+                }
+                Ok(n) => {
+                    if send_all(send, buf.split().freeze(), s.send_timeout, s.conn)
+                        .await
+                        .is_err()
+                    {
+                        return total;
+                    }
+                    total += n as u64;
+                    last.store(now_ms(), Relaxed);
+                }
+            }
+        }
+    };
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    let watchdog = async {
+        loop {
+            let quiet = now_ms().saturating_sub(last.load(Relaxed));
+            if quiet >= idle_ms {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(idle_ms - quiet)).await;
+        }
+    };
+    tokio::select! {
+        (_, sent) = async { tokio::join!(to_upstream, to_client) } => sent,
+        () = watchdog => {
+            send.send_reset(h2::Reason::CANCEL);
+            0
+        }
+    }
 }
 
 /// Whether a failed try moves on to another server (the rules of `proxy::forward`): nothing
@@ -639,7 +739,10 @@ async fn round_trip_h1(
             // 1xx are not relayed over HTTP/2 (100 was sent already if asked for); a 101
             // nobody asked for is a broken upstream.
             Ok(Some(res)) if res.status == 101 => {
-                return Err(ProxyError::Upstream(UpstreamErrorKind::BadResponse))
+                if head.upgrade.is_some() {
+                    return Ok(res);
+                }
+                return Err(ProxyError::Upstream(UpstreamErrorKind::BadResponse));
             }
             Ok(Some(res)) if res.is_informational() => continue,
             Ok(Some(res)) => return Ok(res),

@@ -35,6 +35,11 @@ use crate::upstream::select::{self, NoServer, Tried};
 use crate::upstream::state::{now_ns, UpstreamFailure};
 use crate::upstream::targets::InFlight;
 
+/// WebSocket (an Upgrade, or RFC 8441's extended CONNECT) is carried to HTTP/1.1 upstreams
+/// only; an HTTP/2 upstream would need extended CONNECT of its own.
+const NO_TUNNEL: crate::http1::request::HeadError =
+    crate::http1::request::HeadError::Malformed("WebSocket is not supported to an h2c upstream");
+
 /// What one request to an HTTP/2 upstream works with.
 struct Target<'a> {
     upstream: &'a Upstream,
@@ -238,6 +243,9 @@ pub(super) async fn forward_h2(
     ex: &mut Exchange,
 ) -> Result<(), ProxyError> {
     let (head, route, upstream) = (s.head, s.route, s.upstream);
+    if head.upgrade.is_some() {
+        return Err(ProxyError::Head(NO_TUNNEL));
+    }
     if let Framing::Length(n) = head.framing {
         if n > route.max_body_bytes {
             return Err(ProxyError::BodyTooLarge);
@@ -475,6 +483,9 @@ pub(super) async fn forward_from_h1(
     shared: &Shared,
     ex: &mut Exchange,
 ) -> Result<(), ProxyError> {
+    if head.upgrade.is_some() {
+        return Err(ProxyError::Head(NO_TUNNEL));
+    }
     let targets = upstream.targets.load_full();
     let t = Target {
         upstream,

@@ -390,3 +390,48 @@ async fn respond_routes_and_errors_answer_over_http2() {
     let (status, _, body, _) = h2s::send(&mut client, h2s::get("http://a/dead")).await;
     assert_eq!(status, 502, "{:?}", String::from_utf8_lossy(&body));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_http2_reaches_an_http1_upstream() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{protocol::Role, Message};
+
+    let echo = crate::websocket::EchoServer::start().await;
+    let proxy = h2c_proxy(echo.addr, "").await;
+    let mut client = h2s::h2c_client(proxy.addr()).await;
+    // RFC 8441 §3: a client may use extended CONNECT only once the server's SETTINGS said so;
+    // one ordinary exchange first makes sure they have arrived.
+    let _ = h2s::send(&mut client, h2s::get("http://a/warm-up")).await;
+    let mut req = Request::builder()
+        .method("CONNECT")
+        .uri("http://a.example/chat")
+        .header("sec-websocket-version", "13")
+        .body(h2s::empty())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    client.ready().await.unwrap();
+    let res = within("extended CONNECT", client.send_request(req))
+        .await
+        .expect("a response");
+    assert_eq!(res.status(), 200, "RFC 8441 §5: 200 opens the WebSocket");
+    let upgraded = within("the tunnel", hyper::upgrade::on(res))
+        .await
+        .expect("an upgraded stream");
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        Role::Client,
+        None,
+    )
+    .await;
+    for i in 0..10 {
+        let text = format!("over h2 {i}");
+        ws.send(Message::text(text.clone())).await.expect("send");
+        let back = within("echo", ws.next())
+            .await
+            .expect("a message")
+            .expect("ok");
+        assert_eq!(back, Message::text(text));
+    }
+    ws.close(None).await.expect("close");
+}
