@@ -173,7 +173,10 @@ impl Gatehouse {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => reaper_shared.pool.reap(),
+                    _ = tick.tick() => {
+                        reaper_shared.pool.reap();
+                        reaper_shared.h2_pool.reap();
+                    }
                     _ = stop.cancelled() => break,
                 }
             }

@@ -83,7 +83,7 @@ pub fn serve(
     permit: OwnedSemaphorePermit,
     listener: ListenerConn,
 ) -> impl std::future::Future<Output = ()> {
-    let ListenerConn { tls, h2c, stop } = listener;
+    let ListenerConn { tls, http2, stop } = listener;
     let _ = stream.set_nodelay(true);
     shared.metrics.connection_opened();
     let connected = Instant::now();
@@ -103,15 +103,23 @@ pub fn serve(
                 drop(permit);
                 return;
             }
-            if let ClientStream::Tls(s) = &client.stream {
-                if s.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
-                    Box::pin(serve_h2(client, Arc::clone(&shared), stop, connected)).await;
-                    shared.metrics.connection_closed();
-                    drop(permit);
-                    return;
-                }
+            let alpn = match &client.stream {
+                ClientStream::Tls(s) => s.get_ref().1.alpn_protocol().map(<[u8]>::to_vec),
+                _ => None,
+            };
+            // h2 by ALPN; with no ALPN at all, some clients (gRPC ones among them) still
+            // start HTTP/2 with its preface, as over cleartext.
+            let h2 = match alpn.as_deref() {
+                Some(p) => p == crate::tls::ALPN_H2,
+                None => http2 && Box::pin(sniff_h2c(&mut client, &shared, connected)).await,
+            };
+            if h2 {
+                Box::pin(serve_h2(client, Arc::clone(&shared), stop, connected)).await;
+                shared.metrics.connection_closed();
+                drop(permit);
+                return;
             }
-        } else if h2c && Box::pin(sniff_h2c(&mut client, &shared, connected)).await {
+        } else if http2 && Box::pin(sniff_h2c(&mut client, &shared, connected)).await {
             Box::pin(serve_h2(client, Arc::clone(&shared), stop, connected)).await;
             shared.metrics.connection_closed();
             drop(permit);
@@ -160,8 +168,9 @@ pub fn serve(
 /// What the listener tells a connection about how to serve it.
 pub struct ListenerConn {
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// Cleartext HTTP/2 with prior knowledge is accepted (`http2 = true` on a plain listener).
-    pub h2c: bool,
+    /// The listener speaks HTTP/2: by ALPN on TLS (or by preface when the client sent no
+    /// ALPN), by preface (h2c with prior knowledge) on cleartext.
+    pub http2: bool,
     /// Cancelled on drain and when a reload removes the listener: HTTP/2 connections then
     /// send GOAWAY (an HTTP/1.1 connection ends after its current request instead).
     pub stop: tokio_util::sync::CancellationToken,
@@ -412,7 +421,7 @@ mod tests {
             .unwrap();
         let listener = ListenerConn {
             tls: None,
-            h2c: true,
+            http2: true,
             stop: Default::default(),
         };
         let task = serve(stream, addr, shared, permit, listener);

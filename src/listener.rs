@@ -60,20 +60,18 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 // Read per connection, so that a reload's new certificates apply to the next one.
-                let (tls, h2c) = shared
+                let (tls, http2) = shared
                     .config
                     .load()
                     .listeners
                     .iter()
                     .find(|l| *l.name == *name)
                     .map_or((None, false), |l| {
-                        let tls = l.tls.as_ref().map(|t| Arc::clone(&t.0));
-                        let h2c = l.http2 && tls.is_none();
-                        (tls, h2c)
+                        (l.tls.as_ref().map(|t| Arc::clone(&t.0)), l.http2)
                     });
                 let listener = conn::ListenerConn {
                     tls,
-                    h2c,
+                    http2,
                     stop: stop.clone(),
                 };
                 connections.spawn(conn::serve(

@@ -14,7 +14,7 @@
 //! upstream TLS stream to be passed to `handshake` instead.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -25,11 +25,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::config::snapshot::Server;
 use crate::metrics::UpstreamErrorKind;
 use crate::upstream;
+use crate::upstream::state::now_ms;
 
 /// The stream window we open to upstreams: large enough that one response is not held back
 /// by a round trip per 64 KiB.
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// The decoded size of a response header block we accept, as for HTTP/1.1 heads.
+const MAX_RESPONSE_HEADERS: u32 = crate::http1::response::MAX_RESPONSE_HEAD as u32;
 
 #[derive(Debug, Default)]
 pub struct H2Pool {
@@ -50,6 +53,10 @@ struct H2Conn {
     streams: AtomicUsize,
     /// Set when the connection ended or the server said GOAWAY.
     closed: Arc<AtomicBool>,
+    /// When its last stream ended (`state::now_ms`), for the idle timeout.
+    idle_since_ms: AtomicU64,
+    /// The upstream's `timeouts.idle`: an unused connection is closed after it.
+    idle_ms: u64,
 }
 
 /// One request's claim on a connection; dropping it frees the stream slot.
@@ -70,6 +77,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.conn.idle_since_ms.store(now_ms(), Ordering::Relaxed);
         self.conn.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -109,12 +117,37 @@ impl H2Pool {
         Arc::clone(list)
     }
 
+    /// Closes connections that carried no stream for their upstream's idle timeout, as
+    /// `Pool::reap` does for HTTP/1.1: dropping the last handle lets h2 end the connection.
+    pub fn reap(&self) {
+        let now = now_ms();
+        let servers: Vec<Arc<ServerConns>> = {
+            let servers = self.servers.read().unwrap_or_else(PoisonError::into_inner);
+            servers.values().cloned().collect()
+        };
+        for server in servers {
+            let expired: Vec<Arc<H2Conn>> = {
+                let mut conns = server.conns.lock().unwrap_or_else(PoisonError::into_inner);
+                let (keep, expired) = std::mem::take(&mut *conns).into_iter().partition(|c| {
+                    let unused = c.streams.load(Ordering::Relaxed) == 0
+                        && now.saturating_sub(c.idle_since_ms.load(Ordering::Relaxed)) >= c.idle_ms;
+                    !c.closed.load(Ordering::Relaxed) && !unused
+                });
+                *conns = keep;
+                expired
+            };
+            drop(expired);
+        }
+    }
+
     /// A connection to `server` with room for one more stream: an open one, or a new one.
-    /// `opened` is told when a new connection was made.
+    /// `opened` is told when a new connection was made; `idle` is how long it may then sit
+    /// unused.
     pub async fn lease(
         &self,
         server: &Server,
         connect_timeout: Duration,
+        idle: Duration,
         opened: impl FnOnce(),
     ) -> Result<Lease, UpstreamErrorKind> {
         let list = self.server(server);
@@ -126,7 +159,7 @@ impl H2Pool {
             return Ok(lease);
         }
         let tcp = upstream::connect(server.address, connect_timeout).await?;
-        let conn = handshake(tcp, connect_timeout).await?;
+        let conn = handshake(tcp, connect_timeout, idle).await?;
         opened();
         let lease = lease(&conn, false);
         list.conns
@@ -138,13 +171,20 @@ impl H2Pool {
 }
 
 /// The HTTP/2 handshake on a fresh transport; the connection is then driven by its own task.
-async fn handshake<T>(io: T, timeout: Duration) -> Result<Arc<H2Conn>, UpstreamErrorKind>
+async fn handshake<T>(
+    io: T,
+    timeout: Duration,
+    idle: Duration,
+) -> Result<Arc<H2Conn>, UpstreamErrorKind>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let handshake = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        // An upstream is trusted more than a client, not blindly: its header blocks are
+        // bounded as HTTP/1.1 response heads are.
+        .max_header_list_size(MAX_RESPONSE_HEADERS)
         .handshake::<_, Bytes>(io);
     let (send, connection) = match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(pair)) => pair,
@@ -166,5 +206,7 @@ where
         send,
         streams: AtomicUsize::new(0),
         closed,
+        idle_since_ms: AtomicU64::new(now_ms()),
+        idle_ms: u64::try_from(idle.as_millis()).unwrap_or(u64::MAX),
     }))
 }

@@ -80,7 +80,7 @@ async fn acquire_h2<'a>(
         match t
             .shared
             .h2_pool
-            .lease(server, t.timeouts.connect, opened)
+            .lease(server, t.timeouts.connect, t.timeouts.idle, opened)
             .await
         {
             Ok(lease) => {

@@ -181,6 +181,18 @@ async fn h2_over_tls_is_chosen_by_alpn_and_http1_still_works() {
         .unwrap();
     assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
 
+    // No ALPN at all, but the HTTP/2 preface: HTTP/2 still.
+    let bare = h2s::tls_connect(proxy.addr(), &cert, &[]).await;
+    assert_eq!(bare.get_ref().1.alpn_protocol(), None);
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(bare))
+            .await
+            .expect("HTTP/2 without ALPN");
+    tokio::spawn(conn);
+    let (status, _, _, _) = h2s::send(&mut send, h2s::get("https://localhost/bare")).await;
+    assert_eq!(status, 200);
+
     // `http2 = false`: h2 is not offered, the client falls back to http/1.1.
     let h1only = proxy.listener_addr("h1only").unwrap();
     let tls = h2s::tls_connect(h1only, &cert, &[b"h2", b"http/1.1"]).await;
@@ -434,4 +446,96 @@ async fn websocket_over_http2_reaches_an_http1_upstream() {
         assert_eq!(back, Message::text(text));
     }
     ws.close(None).await.expect("close");
+}
+
+/// Runs a command line tool, or `None` when it is not installed (CI installs them; a developer
+/// machine may not have them).
+async fn run_tool(program: &str, args: Vec<String>) -> Option<String> {
+    let program = program.to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&program).args(&args).output()
+    })
+    .await
+    .unwrap();
+    match output {
+        Ok(out) => Some(String::from_utf8_lossy(&out.stdout).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("skipped: {e}");
+            None
+        }
+        Err(e) => panic!("running a tool: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_and_h2load_speak_http2_to_gatehouse() {
+    let cert = TestCert::localhost();
+    let up = HttpUpstream::fixed("from upstream").await;
+    let proxy = Proxy::start_toml(&format!(
+        "{H2C_CONFIG}[[listener]]\nname = \"tls\"\nlisten = \"127.0.0.1:0\"\n{}\n\n{}{}",
+        cert.toml(),
+        upstream_toml("app", &[up.addr()]),
+        route_toml("/", "app")
+    ))
+    .await;
+    let h2c = proxy.addr();
+    let Some(out) = run_tool(
+        "curl",
+        vec![
+            "-sS".into(),
+            "--max-time".into(),
+            "20".into(),
+            "--http2-prior-knowledge".into(),
+            "-w".into(),
+            " %{http_version} %{http_code}".into(),
+            format!("http://{h2c}/curl"),
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    assert_eq!(out, "from upstream 2 200");
+    let tls = proxy.listener_addr("tls").unwrap();
+    let out = run_tool(
+        "curl",
+        vec![
+            "-sS".into(),
+            "--max-time".into(),
+            "20".into(),
+            "--http2".into(),
+            "--cacert".into(),
+            cert.cert_path.clone(),
+            "--resolve".into(),
+            format!("localhost:{}:127.0.0.1", tls.port()),
+            "-w".into(),
+            " %{http_version} %{http_code}".into(),
+            format!("https://localhost:{}/curl", tls.port()),
+        ],
+    )
+    .await
+    .unwrap_or_default();
+    assert_eq!(out, "from upstream 2 200");
+    // 400 requests, 4 connections, 20 streams at once on each: all must succeed.
+    if let Some(out) = run_tool(
+        "h2load",
+        vec![
+            "-n".into(),
+            "400".into(),
+            "-c".into(),
+            "4".into(),
+            "-m".into(),
+            "20".into(),
+            "-T".into(),
+            "20".into(),
+            format!("http://{h2c}/load"),
+        ],
+    )
+    .await
+    {
+        assert!(
+            out.contains("400 total, 400 started, 400 done, 400 succeeded"),
+            "{out}"
+        );
+    }
 }

@@ -248,3 +248,27 @@ async fn http1_clients_reach_an_h2c_upstream_too() {
         "HTTP/1.1 and HTTP/2 clients share the connection"
     );
 }
+
+#[tokio::test]
+async fn an_unused_upstream_connection_is_closed_after_its_idle_timeout() {
+    let up = H2Upstream::start(echo_h2).await;
+    let proxy = Proxy::start_toml(&format!(
+        "{H2C_CONFIG}[upstream.app]\nservers = [\"{}\"]\nprotocol = \"h2c\"\n\
+         timeouts = {{ idle = \"100ms\" }}\n\n{}",
+        up.addr(),
+        route_toml("/", "app")
+    ))
+    .await;
+    let mut client = h2s::h2c_client(proxy.addr()).await;
+    let (status, _, _, _) = h2s::send(&mut client, h2s::get("http://a/1")).await;
+    assert_eq!(status, 200);
+    let closed = support::poll_until(support::STEP_TIMEOUT, || async {
+        (up.closed() >= 1).then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "the idle connection was never closed");
+    // The next request opens a fresh one.
+    let (status, _, _, _) = h2s::send(&mut client, h2s::get("http://a/2")).await;
+    assert_eq!(status, 200);
+    assert_eq!(up.connections(), 2);
+}

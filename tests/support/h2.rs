@@ -176,6 +176,7 @@ type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxFuture + Send + Sync>;
 pub struct H2Upstream {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
@@ -193,7 +194,12 @@ impl H2Upstream {
         let addr = listener.local_addr().expect("upstream address");
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
-        let (c, r) = (Arc::clone(&connections), Arc::clone(&requests));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (c, r, done) = (
+            Arc::clone(&connections),
+            Arc::clone(&requests),
+            Arc::clone(&closed),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -202,6 +208,7 @@ impl H2Upstream {
                 c.fetch_add(1, Ordering::SeqCst);
                 let handler = Arc::clone(&handler);
                 let r = Arc::clone(&r);
+                let done = Arc::clone(&done);
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         r.fetch_add(1, Ordering::SeqCst);
@@ -211,12 +218,14 @@ impl H2Upstream {
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                    done.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
         H2Upstream {
             addr,
             connections,
+            closed,
             requests,
             task,
         }
@@ -232,6 +241,11 @@ impl H2Upstream {
 
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Connections that have ended.
+    pub fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
     }
 }
 
