@@ -36,11 +36,31 @@ pub struct ConnShared {
     active: AtomicUsize,
     /// When the last stream task ended, for the idle timeout (`state::now_ms` clock).
     last_active_ms: AtomicU64,
+    /// When a stream last got window from the client to send response bytes.
+    last_progress_ms: AtomicU64,
     pub tripwire: Arc<Tripwire>,
 }
 
 /// Counts a stream as active while it lives.
 pub struct StreamGuard(Arc<ConnShared>);
+
+impl ConnShared {
+    /// A stream was granted window: the client is reading.
+    pub fn progressed(&self) {
+        self.last_progress_ms.store(now_ms(), Relaxed);
+    }
+
+    /// A stream got no window since `since` (`state::now_ms`) and gave up. The connection is
+    /// closed too when no stream on it got any window meanwhile: the client reads nothing.
+    /// A client that only paused that one stream keeps its connection.
+    pub fn stalled(&self, since: u64) -> bool {
+        let stuck = self.last_progress_ms.load(Relaxed) <= since;
+        if stuck {
+            self.tripwire.trip_external(Abuse::SendTimeout);
+        }
+        stuck
+    }
+}
 
 impl StreamGuard {
     pub fn conn(&self) -> &ConnShared {
@@ -118,6 +138,7 @@ pub async fn serve<T>(
         tls,
         active: AtomicUsize::new(0),
         last_active_ms: AtomicU64::new(now_ms()),
+        last_progress_ms: AtomicU64::new(0),
         tripwire: Arc::clone(&tripwire),
     });
     let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);

@@ -42,7 +42,7 @@ use crate::http1::write::{self, Forwarded};
 use crate::http1::Framing;
 use crate::http2::server::{ConnShared, StreamGuard};
 use crate::http2::translate;
-use crate::metrics::{Abuse, UpstreamErrorKind};
+use crate::metrics::UpstreamErrorKind;
 use crate::upstream::select::{self, NoServer, Tried};
 use crate::upstream::state::{now_ms, now_ns, UpstreamFailure};
 use crate::upstream::{self, UpstreamConn};
@@ -239,6 +239,8 @@ pub(super) enum SendFail {
 
 /// Sends `data` as the client's window allows, never more than it allows: h2 buffers nothing
 /// beyond what was granted, so a client that does not read costs us one window, not a body.
+/// A stream that gets no window for `timeout` is reset (zero-window readers); see
+/// `ConnShared::stalled` for when its connection goes too.
 pub(super) async fn send_all(
     send: &mut SendStream<Bytes>,
     mut data: Bytes,
@@ -247,12 +249,14 @@ pub(super) async fn send_all(
 ) -> Result<(), SendFail> {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
+        let waiting_since = now_ms();
         let granted =
             tokio::time::timeout(timeout, std::future::poll_fn(|cx| send.poll_capacity(cx))).await;
         match granted {
             Ok(Some(Ok(n))) => {
                 let n = n.min(data.len());
                 if n > 0 {
+                    conn.progressed();
                     send.send_data(data.split_to(n), false)
                         .map_err(|_| SendFail::Gone)?;
                 }
@@ -260,7 +264,7 @@ pub(super) async fn send_all(
             Ok(Some(Err(_)) | None) => return Err(SendFail::Gone),
             Err(_) => {
                 send.send_reset(h2::Reason::CANCEL);
-                conn.tripwire.trip_external(Abuse::SendTimeout);
+                conn.stalled(waiting_since);
                 return Err(SendFail::Stalled);
             }
         }

@@ -323,3 +323,52 @@ async fn a_zero_window_reader_is_reset_and_its_connection_closed() {
     assert_eq!(status, 200);
     assert_eq!(body.len(), 4 * 1024 * 1024);
 }
+
+#[tokio::test]
+async fn a_paused_stream_is_reset_but_a_connection_that_reads_others_stays() {
+    let big = HttpUpstream::sized(2 * 1024 * 1024, true).await;
+    let proxy = proxy_for(big.addr(), "send_timeout = \"300ms\"\n").await;
+    let tcp = TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut send, conn) = h2::client::Builder::new()
+        .initial_window_size(16 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        http::Request::builder()
+            .uri(format!("http://a{path}"))
+            .body(())
+            .unwrap()
+    };
+    // Stream A: its window is never opened again after the first 16 KiB.
+    let (paused, _) = send.send_request(get("/paused"), true).unwrap();
+    let paused = support::within("paused response", paused).await.unwrap();
+    let mut paused = paused.into_body();
+    // Meanwhile other streams are read to their end, one after another, until A is reset.
+    let mut reset = false;
+    for _ in 0..200 {
+        let (res, _) = send.send_request(get("/read"), true).unwrap();
+        let mut body = support::within("response", res).await.unwrap().into_body();
+        while let Some(chunk) = support::within("body", body.data()).await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        // Take what A got without giving its window back.
+        while let Some(Some(chunk)) = futures_util::FutureExt::now_or_never(paused.data()) {
+            if chunk.is_err() {
+                reset = true;
+                break;
+            }
+        }
+        if reset {
+            break;
+        }
+    }
+    assert!(reset, "the paused stream was never reset");
+    assert_eq!(abuse(&proxy, "send_timeout").await, 0.0);
+    // The connection still serves.
+    let (res, _) = send.send_request(get("/after"), true).unwrap();
+    assert_eq!(support::within("after", res).await.unwrap().status(), 200);
+}
