@@ -22,6 +22,7 @@ use crate::admin::{self, AdminState};
 use crate::config::snapshot::Snapshot;
 use crate::config::{self, ConfigError};
 use crate::handoff::Handover;
+use crate::http2::client::H2Pool;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::reload::{self, FdSlot, InheritedListener, ReloadError, ReloadReport, Reloader};
@@ -32,6 +33,8 @@ pub struct Shared {
     /// The config in force. A request loads it once and keeps that snapshot to its end.
     pub config: ArcSwap<Snapshot>,
     pub pool: Pool,
+    /// Multiplexed connections to HTTP/2 upstreams, shared the same way.
+    pub h2_pool: H2Pool,
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
     /// Cancelled when the drain starts: stop accepting, and answer every request from now on
@@ -51,6 +54,7 @@ impl Shared {
         Shared {
             config: ArcSwap::from_pointee(snapshot),
             pool: Pool::default(),
+            h2_pool: H2Pool::default(),
             metrics,
             access_log,
             drain: CancellationToken::new(),
@@ -225,7 +229,10 @@ impl Gatehouse {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => reaper_shared.pool.reap(),
+                    _ = tick.tick() => {
+                        reaper_shared.pool.reap();
+                        reaper_shared.h2_pool.reap();
+                    }
                     _ = stop.cancelled() => break,
                 }
             }

@@ -92,8 +92,9 @@ pub fn serve(
     peer: SocketAddr,
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
-    tls: Option<TlsSettings>,
+    listener: ListenerConn,
 ) -> impl std::future::Future<Output = ()> {
+    let ListenerConn { tls, http2, stop } = listener;
     let _ = stream.set_nodelay(true);
     shared.metrics.connection_opened();
     let connected = Instant::now();
@@ -114,6 +115,27 @@ pub fn serve(
                 drop(permit);
                 return;
             }
+            let alpn = match &client.stream {
+                ClientStream::Tls(s) => s.get_ref().1.alpn_protocol().map(<[u8]>::to_vec),
+                _ => None,
+            };
+            // h2 by ALPN; with no ALPN at all, some clients (gRPC ones among them) still
+            // start HTTP/2 with its preface, as over cleartext.
+            let h2 = match alpn.as_deref() {
+                Some(p) => p == crate::tls::ALPN_H2,
+                None => http2 && Box::pin(sniff_h2c(&mut client, &shared, connected)).await,
+            };
+            if h2 {
+                Box::pin(serve_h2(client, Arc::clone(&shared), stop, connected)).await;
+                shared.metrics.connection_closed();
+                drop(permit);
+                return;
+            }
+        } else if http2 && Box::pin(sniff_h2c(&mut client, &shared, connected)).await {
+            Box::pin(serve_h2(client, Arc::clone(&shared), stop, connected)).await;
+            shared.metrics.connection_closed();
+            drop(permit);
+            return;
         }
         let mut first = true;
         let linger = loop {
@@ -152,6 +174,63 @@ pub fn serve(
         }
         shared.metrics.connection_closed();
         drop(permit);
+    }
+}
+
+/// What the listener tells a connection about how to serve it.
+pub struct ListenerConn {
+    pub tls: Option<TlsSettings>,
+    /// The listener speaks HTTP/2: by ALPN on TLS (or by preface when the client sent no
+    /// ALPN), by preface (h2c with prior knowledge) on cleartext.
+    pub http2: bool,
+    /// Cancelled on drain and when a reload removes the listener: HTTP/2 connections then
+    /// send GOAWAY (an HTTP/1.1 connection ends after its current request instead).
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+/// Hands the connection to the HTTP/2 server, with any bytes already read.
+async fn serve_h2(
+    mut client: Client,
+    shared: Arc<Shared>,
+    stop: tokio_util::sync::CancellationToken,
+    connected: Instant,
+) {
+    let stream = std::mem::replace(&mut client.stream, ClientStream::Closed);
+    let tls = stream.is_tls();
+    let prefix = client.buf.split().freeze();
+    let Client {
+        peer,
+        peer_ip,
+        subject,
+        ..
+    } = client;
+    crate::http2::server::serve(
+        stream, prefix, peer, peer_ip, tls, subject, shared, stop, connected,
+    )
+    .await;
+}
+
+/// On an h2c listener: reads until the first bytes either are the HTTP/2 connection preface
+/// (RFC 9113 §3.4) or cannot be; true for HTTP/2. The bytes stay in `client.buf` either way.
+async fn sniff_h2c(client: &mut Client, shared: &Shared, connected: Instant) -> bool {
+    let preface = crate::http2::PREFACE;
+    let deadline = connected + shared.config.load().timeouts.client_header;
+    loop {
+        let have = client.buf.len().min(preface.len());
+        if client.buf[..have] != preface[..have] {
+            return false;
+        }
+        if have == preface.len() {
+            return true;
+        }
+        if client.buf.capacity() - client.buf.len() < 64 {
+            client.buf.reserve(HEAD_BUF);
+        }
+        match deadline::until(deadline, client.stream.read_buf(&mut client.buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // Closed or silent: the HTTP/1.1 loop sees the same and ends quietly.
+            _ => return false,
+        }
     }
 }
 
@@ -375,7 +454,12 @@ mod tests {
             .acquire_owned()
             .await
             .unwrap();
-        let task = serve(stream, addr, shared, permit, None);
+        let listener = ListenerConn {
+            tls: None,
+            http2: true,
+            stop: Default::default(),
+        };
+        let task = serve(stream, addr, shared, permit, listener);
         assert!(
             std::mem::size_of_val(&task) <= 640,
             "a connection task is {} bytes",

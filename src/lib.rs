@@ -16,6 +16,9 @@
 //!                         access_log (off the request path), metrics
 //! ```
 //!
+//! An HTTP/2 connection (`h2` by ALPN, or h2c with prior knowledge) goes from `conn` to
+//! `http2::server` instead, and each of its streams through `proxy::h2`, the same phases again.
+//!
 //! `config` turns the TOML file into an immutable `Snapshot` that `app` publishes through an
 //! `ArcSwap`; a request loads it once. `admin` serves `/health`, `/metrics` and `/upstreams`
 //! with axum. Beside the request path, `upstream::health` checks servers and
@@ -32,6 +35,7 @@ pub mod conn;
 pub mod deadline;
 pub mod handoff;
 pub mod http1;
+pub mod http2;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

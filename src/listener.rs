@@ -60,14 +60,25 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 // Read per connection, so that a reload's new certificates apply to the next one.
-                let tls = shared
+                let (tls, http2) = shared
                     .config
                     .load()
                     .listeners
                     .iter()
                     .find(|l| *l.name == *name)
-                    .and_then(|l| l.tls.clone());
-                connections.spawn(conn::serve(stream, peer, Arc::clone(&shared), permit, tls));
+                    .map_or((None, false), |l| (l.tls.clone(), l.http2));
+                let listener = conn::ListenerConn {
+                    tls,
+                    http2,
+                    stop: stop.clone(),
+                };
+                connections.spawn(conn::serve(
+                    stream,
+                    peer,
+                    Arc::clone(&shared),
+                    permit,
+                    listener,
+                ));
             }
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of spinning on the error.

@@ -23,6 +23,9 @@ pub const UPSTREAM_CONNECTIONS_REUSED_TOTAL: &str = "gatehouse_upstream_connecti
 pub const UPSTREAM_ERRORS_TOTAL: &str = "gatehouse_upstream_errors_total";
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "gatehouse_access_log_dropped_total";
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "gatehouse_tls_handshake_failures_total";
+pub const HTTP2_CONNECTIONS_TOTAL: &str = "gatehouse_http2_connections_total";
+pub const HTTP2_STREAMS_TOTAL: &str = "gatehouse_http2_streams_total";
+pub const HTTP2_ABUSE_TOTAL: &str = "gatehouse_http2_abuse_total";
 pub const UPSTREAM_RETRIES_TOTAL: &str = "gatehouse_upstream_retries_total";
 pub const UPSTREAM_RETRIES_REFUSED_TOTAL: &str = "gatehouse_upstream_retries_refused_total";
 pub const UPSTREAM_QUEUED_TOTAL: &str = "gatehouse_upstream_queued_total";
@@ -181,6 +184,41 @@ pub struct Metrics {
     /// Access-log entries dropped because the writer thread fell behind.
     pub access_log_dropped: AtomicU64,
     tls_handshake_failures: AtomicU64,
+    http2_connections: AtomicU64,
+    http2_streams: AtomicU64,
+    /// HTTP/2 connections closed with ENHANCE_YOUR_CALM, by `Abuse` kind.
+    http2_abuse: [AtomicU64; Abuse::ALL.len()],
+}
+
+/// Why an HTTP/2 client connection was closed as abusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abuse {
+    /// Rapid Reset: more streams reset by the client than the limit allows.
+    Resets,
+    /// PING, SETTINGS or PRIORITY frames beyond the limit.
+    ControlFrames,
+    /// A response the client would not read (zero window) past the send timeout.
+    SendTimeout,
+    /// h2's own guards: pending resets, local error resets, CONTINUATION, small DATA frames.
+    Protocol,
+}
+
+impl Abuse {
+    pub const ALL: [Abuse; 4] = [
+        Abuse::Resets,
+        Abuse::ControlFrames,
+        Abuse::SendTimeout,
+        Abuse::Protocol,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Abuse::Resets => "resets",
+            Abuse::ControlFrames => "control_frames",
+            Abuse::SendTimeout => "send_timeout",
+            Abuse::Protocol => "protocol",
+        }
+    }
 }
 
 impl Metrics {
@@ -238,6 +276,23 @@ impl Metrics {
     pub fn connection_closed(&self) {
         self.client_connections_active
             .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A client connection that speaks HTTP/2 (h2 by ALPN or h2c by prior knowledge).
+    pub fn http2_connection(&self) {
+        self.http2_connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn http2_stream(&self) {
+        self.http2_streams.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn http2_abuse(&self, why: Abuse) {
+        self.http2_abuse[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn http2_abuse_count(&self, why: Abuse) -> u64 {
+        self.http2_abuse[why as usize].load(Ordering::Relaxed)
     }
 
     /// A TLS handshake that failed or timed out (a scanner, an old client, a wrong port).
@@ -445,6 +500,43 @@ impl Metrics {
             "{TLS_HANDSHAKE_FAILURES_TOTAL} {}",
             self.tls_handshake_failures.load(Ordering::Relaxed)
         );
+
+        header(
+            &mut out,
+            HTTP2_CONNECTIONS_TOTAL,
+            "counter",
+            "Client connections that spoke HTTP/2.",
+        );
+        let _ = writeln!(
+            out,
+            "{HTTP2_CONNECTIONS_TOTAL} {}",
+            self.http2_connections.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            HTTP2_STREAMS_TOTAL,
+            "counter",
+            "HTTP/2 streams (requests) accepted from clients.",
+        );
+        let _ = writeln!(
+            out,
+            "{HTTP2_STREAMS_TOTAL} {}",
+            self.http2_streams.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            HTTP2_ABUSE_TOTAL,
+            "counter",
+            "HTTP/2 client connections closed with ENHANCE_YOUR_CALM, by reason.",
+        );
+        for why in Abuse::ALL {
+            let _ = writeln!(
+                out,
+                "{HTTP2_ABUSE_TOTAL}{{reason=\"{}\"}} {}",
+                why.as_str(),
+                self.http2_abuse[why as usize].load(Ordering::Relaxed)
+            );
+        }
 
         header(
             &mut out,

@@ -16,6 +16,8 @@
 
 mod acquire;
 mod error;
+pub mod h2;
+mod h2_upstream;
 mod tunnel;
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -101,7 +103,7 @@ pub async fn handle(
         }
         tracing::debug!(client = %client.peer, status = ex.status, error = %err, "request failed");
     }
-    finish(client, head, route.map(|r| &**r), shared, &ex, started);
+    finish(client.peer, head, route.map(|r| &**r), shared, &ex, started);
     // What the response said decides, not whether a drain began meanwhile: a client told the
     // connection persists may already be sending its next request on it, and closing now would
     // fail that request. The next response says `Connection: close` instead (`plan_response`),
@@ -189,11 +191,14 @@ async fn forward(
         }
         _ => {}
     }
+    if upstream.protocol.is_http2() {
+        return h2_upstream::forward_from_h1(client, head, route, upstream, shared, ex).await;
+    }
     let timeouts = route.upstream_timeouts.unwrap_or(upstream.timeouts);
     // One list for every try of this request, even if DNS swaps in a new one meanwhile: the
     // indices in `tried` refer to it.
     let targets = upstream.targets.load_full();
-    let pick = pick_request(upstream, head, client);
+    let pick = pick_request(upstream, head, client.peer);
     let replay = buffer_body(client, head, route, ex).await?;
     // Whether the request may be sent again after it was sent once: the route says so, or it is
     // idempotent and has no body that was streamed away.
@@ -679,7 +684,7 @@ async fn send_error(client: &mut Client, head: &RequestHead, err: &ProxyError, e
 }
 
 fn finish(
-    client: &Client,
+    peer: std::net::SocketAddr,
     head: &RequestHead,
     route: Option<&Route>,
     shared: &Shared,
@@ -694,7 +699,7 @@ fn finish(
     if shared.access_log.is_enabled() && route.is_none_or(|r| r.access_log) {
         shared.access_log.log(AccessEntry {
             time: SystemTime::now(),
-            client: client.peer,
+            client: peer,
             method: head.raw.slice(head.method_span.range()),
             target: head.raw.slice(head.target.range()),
             host: head.raw.slice(head.host.range()),

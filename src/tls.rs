@@ -7,8 +7,8 @@
 //! ones keep theirs. `conn.rs` runs the handshake before the first request.
 //!
 //! Defaults, with no knobs: TLS 1.3 and 1.2 only, rustls's cipher suites (no CBC, no RSA key
-//! exchange), session resumption by stateful cache and by tickets, ALPN `http/1.1`. HTTP/2
-//! joins ALPN when Gatehouse speaks it.
+//! exchange), session resumption by stateful cache and by tickets, ALPN `h2` and `http/1.1`
+//! (`http2 = false` on the listener leaves `http/1.1` alone).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,6 +20,9 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// The ALPN protocol id of HTTP/2 over TLS (RFC 9113 §3.2).
+pub const ALPN_H2: &[u8] = b"h2";
 
 /// One certificate of a listener, as the file gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,10 +102,12 @@ pub fn client_roots(path: &str) -> Result<rustls::RootCertStore, TlsError> {
 }
 
 /// The rustls config for a listener with these certificates. The first is the default, for
-/// clients that send no SNI or a name no certificate covers.
+/// clients that send no SNI or a name no certificate covers. With `http2`, ALPN offers `h2`
+/// before `http/1.1` (RFC 9113 §3.2: the server picks, and we prefer HTTP/2).
 pub fn server_config(
     certs: Vec<LoadedCert>,
     clients: Option<ClientAuth>,
+    http2: bool,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut resolver = SniResolver::default();
@@ -131,7 +136,11 @@ pub fn server_config(
         }
     };
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if http2 {
+        vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     let (sessions, ticketer) = resumption()?;
     config.session_storage = sessions;
     config.ticketer = ticketer;

@@ -25,8 +25,16 @@ mod cli;
 mod dns;
 #[path = "suite/errors.rs"]
 mod errors;
+#[path = "suite/grpc.rs"]
+mod grpc;
 #[path = "suite/health.rs"]
 mod health;
+#[path = "suite/http2.rs"]
+mod http2;
+#[path = "suite/http2_attacks.rs"]
+mod http2_attacks;
+#[path = "suite/http2_upstream.rs"]
+mod http2_upstream;
 #[path = "suite/operations.rs"]
 mod operations;
 #[path = "suite/pooling.rs"]

@@ -23,12 +23,12 @@ use arc_swap::ArcSwap;
 
 use super::error::{line_col, Problem};
 use super::file::{
-    AccessValue, ClientAuthSection, DurationValue, FileConfig, GlobalTimeouts, LimitsSection,
-    ListenerSection, LogSection, ReloadSection, ResolverSection, RespondSection, RouteSection,
-    RouteTimeoutsSection, SizeValue, TlsCertSection, TlsValue,
+    AccessValue, ClientAuthSection, DurationValue, FileConfig, GlobalTimeouts, Http2Section,
+    LimitsSection, ListenerSection, LogSection, ReloadSection, ResolverSection, RespondSection,
+    RouteSection, RouteTimeoutsSection, SizeValue, TlsCertSection, TlsValue,
 };
 use super::snapshot::{
-    AccessTarget, AdminSettings, ConnLimits, ConnTimeouts, FixedResponse, HostMatch,
+    AccessTarget, AdminSettings, ConnLimits, ConnTimeouts, FixedResponse, HostMatch, Http2Settings,
     ListenerSettings, LogFormat, LogSettings, ResolverSettings, Route, RouteAction, ServerHost,
     Snapshot, Targets, TlsSettings, Upstream, UpstreamId, UpstreamTimeouts,
 };
@@ -78,6 +78,16 @@ mod defaults {
     pub const RETRY_MIN_PER_SECOND: u32 = 10;
     pub const WEIGHT: i64 = 1;
     pub const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+
+    pub const H2_MAX_CONCURRENT_STREAMS: i64 = 100;
+    pub const H2_MAX_HEADER_LIST_SIZE: u64 = 32 * 1024;
+    pub const H2_STREAM_WINDOW: u64 = 256 * 1024;
+    pub const H2_CONNECTION_WINDOW: u64 = 1024 * 1024;
+    pub const H2_MAX_PENDING_RESETS: i64 = 20;
+    pub const H2_MAX_CLIENT_RESETS: i64 = 100;
+    pub const H2_MAX_LOCAL_ERROR_RESETS: i64 = 200;
+    pub const H2_MAX_CONTROL_FRAMES: i64 = 500;
+    pub const H2_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 }
 
 const MAX_WORKERS: i64 = 1024;
@@ -99,6 +109,7 @@ pub(crate) fn compile(
         limits,
         resolver,
         reload,
+        http2,
         listener,
         upstream,
         route,
@@ -119,6 +130,7 @@ pub(crate) fn compile(
     let limits = c.limits(limits);
     let resolver = c.resolver(resolver);
     let watch = c.watch(reload);
+    let http2 = c.http2(http2);
     let listeners = c.listeners(listener, &limits, admin.as_ref());
     let upstreams = c.upstreams(upstream, &globals);
     let routes = c.routes(route, &upstreams, &globals, &limits);
@@ -167,6 +179,7 @@ pub(crate) fn compile(
         timeouts: globals.conn,
         resolver,
         watch,
+        http2,
     })
 }
 
@@ -351,6 +364,7 @@ impl Checker<'_> {
         &mut self,
         tls: Spanned<TlsValue>,
         client_auth: Option<Spanned<ClientAuthSection>>,
+        http2: bool,
     ) -> Option<TlsSettings> {
         let span = tls.span();
         let entries: Vec<(TlsCertSection, Range<usize>)> = match tls.into_inner() {
@@ -420,7 +434,7 @@ impl Checker<'_> {
         if !self.problems.is_empty() {
             return None;
         }
-        match crate::tls::server_config(loaded, clients) {
+        match crate::tls::server_config(loaded, clients, http2) {
             Ok(config) => Some(TlsSettings {
                 config,
                 subject_header,
@@ -505,6 +519,113 @@ impl Checker<'_> {
         }
     }
 
+    fn http2(&mut self, section: Http2Section) -> Http2Settings {
+        let Http2Section {
+            max_concurrent_streams,
+            max_header_list_size,
+            stream_window,
+            connection_window,
+            max_pending_resets,
+            max_client_resets,
+            max_local_error_resets,
+            max_control_frames,
+            send_timeout,
+        } = section;
+        let count = |c: &mut Self, v: Option<Spanned<i64>>, what: &str, min, max, default| {
+            v.and_then(|v| c.int_in(&v, what, min..=max))
+                .unwrap_or(default)
+        };
+        // RFC 9113 §6.9.1: a flow-control window is at most 2^31-1 bytes; §6.5.2 takes 64 KiB-1
+        // as every window's starting size, so a smaller one would only slow clients down.
+        let window = |c: &mut Self, v: Option<Spanned<SizeValue>>, what: &str, default| {
+            let span = v.as_ref().map(|v| v.span());
+            let bytes = c.size(v, default);
+            match (u32::try_from(bytes).ok().filter(|b| *b < 1 << 31), span) {
+                (Some(b), Some(span)) if b < 65_535 => {
+                    c.report(span, format!("http2.{what} must be at least 65535 bytes"));
+                    65_535
+                }
+                (Some(b), _) => b,
+                (None, Some(span)) => {
+                    c.report(span, format!("http2.{what} must be below 2GiB (RFC 9113)"));
+                    65_535
+                }
+                (None, None) => 65_535,
+            }
+        };
+        let stream_window = window(
+            self,
+            stream_window,
+            "stream_window",
+            defaults::H2_STREAM_WINDOW,
+        );
+        let connection_window = window(
+            self,
+            connection_window,
+            "connection_window",
+            defaults::H2_CONNECTION_WINDOW,
+        );
+        let header_span = max_header_list_size.as_ref().map(|v| v.span());
+        let header_bytes = self.size(max_header_list_size, defaults::H2_MAX_HEADER_LIST_SIZE);
+        let max_header_list_size = match (u32::try_from(header_bytes), header_span) {
+            (Ok(b), _) if b <= 16 << 20 => b,
+            (_, Some(span)) => {
+                self.report(span, "http2.max_header_list_size must be at most 16MiB");
+                16 << 20
+            }
+            (_, None) => 16 << 20,
+        };
+        let as_u32 = |n: i64| u32::try_from(n).unwrap_or(u32::MAX);
+        let as_usize = |n: i64| usize::try_from(n).unwrap_or(usize::MAX);
+        Http2Settings {
+            max_concurrent_streams: as_u32(count(
+                self,
+                max_concurrent_streams,
+                "http2.max_concurrent_streams",
+                1,
+                10_000,
+                defaults::H2_MAX_CONCURRENT_STREAMS,
+            )),
+            max_header_list_size,
+            stream_window,
+            connection_window,
+            max_pending_resets: as_usize(count(
+                self,
+                max_pending_resets,
+                "http2.max_pending_resets",
+                1,
+                100_000,
+                defaults::H2_MAX_PENDING_RESETS,
+            )),
+            max_client_resets: count(
+                self,
+                max_client_resets,
+                "http2.max_client_resets",
+                1,
+                1_000_000,
+                defaults::H2_MAX_CLIENT_RESETS,
+            )
+            .unsigned_abs(),
+            max_local_error_resets: as_usize(count(
+                self,
+                max_local_error_resets,
+                "http2.max_local_error_resets",
+                1,
+                1_000_000,
+                defaults::H2_MAX_LOCAL_ERROR_RESETS,
+            )),
+            max_control_frames: as_u32(count(
+                self,
+                max_control_frames,
+                "http2.max_control_frames",
+                1,
+                1_000_000,
+                defaults::H2_MAX_CONTROL_FRAMES,
+            )),
+            send_timeout: self.duration(send_timeout, defaults::H2_SEND_TIMEOUT),
+        }
+    }
+
     fn listeners(
         &mut self,
         listeners: Vec<Spanned<ListenerSection>>,
@@ -527,9 +648,13 @@ impl Checker<'_> {
                 max_connections,
                 tls,
                 client_auth,
+                http2,
             } = l.into_inner();
+            // HTTP/2 is offered by default where ALPN can negotiate it; cleartext HTTP/2 only
+            // on request, since a plain port usually faces clients that speak HTTP/1.1 only.
+            let http2 = http2.unwrap_or(tls.is_some());
             let tls = match (tls, client_auth) {
-                (Some(t), auth) => self.tls(t, auth),
+                (Some(t), auth) => self.tls(t, auth, http2),
                 (None, Some(auth)) => {
                     self.report(
                         auth.span(),
@@ -574,6 +699,7 @@ impl Checker<'_> {
                 listen: addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
                 max_connections,
                 tls,
+                http2,
             });
         }
         if let Some((admin, span)) = admin {

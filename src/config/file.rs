@@ -30,6 +30,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub reload: ReloadSection,
     #[serde(default)]
+    pub http2: Http2Section,
+    #[serde(default)]
     pub listener: Vec<Spanned<ListenerSection>>,
     /// Keyed by name; `compile.rs` restores file order from the key spans.
     #[serde(default)]
@@ -117,6 +119,9 @@ pub struct ListenerSection {
     pub tls: Option<Spanned<TlsValue>>,
     /// Client certificates (mTLS) on a TLS listener.
     pub client_auth: Option<Spanned<ClientAuthSection>>,
+    /// Plain listener: also take cleartext HTTP/2 with prior knowledge (h2c). TLS listener:
+    /// offer `h2` in ALPN (the default there).
+    pub http2: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,6 +133,21 @@ pub struct ClientAuthSection {
     pub required: Option<bool>,
     /// The request header that carries the verified certificate's subject upstream.
     pub subject_header: Option<Spanned<String>>,
+}
+
+/// `[http2]`: HTTP/2 connection settings and the limits that fend off its known attacks.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http2Section {
+    pub max_concurrent_streams: Option<Spanned<i64>>,
+    pub max_header_list_size: Option<Spanned<SizeValue>>,
+    pub stream_window: Option<Spanned<SizeValue>>,
+    pub connection_window: Option<Spanned<SizeValue>>,
+    pub max_pending_resets: Option<Spanned<i64>>,
+    pub max_client_resets: Option<Spanned<i64>>,
+    pub max_local_error_resets: Option<Spanned<i64>>,
+    pub max_control_frames: Option<Spanned<i64>>,
+    pub send_timeout: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Debug)]
@@ -149,6 +169,8 @@ pub struct TlsCertSection {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
     pub servers: Spanned<Vec<Spanned<ServerEntry>>>,
+    /// `"http1"` (the default), `"h2c"` or `"h2"`.
+    pub protocol: Option<Spanned<String>>,
     pub keepalive: Option<Spanned<i64>>,
     pub timeouts: Option<UpstreamTimeoutsSection>,
     /// `"round_robin"`, `"random"`, `"least_requests"`, `"peak_ewma"`, `"consistent_hash"`.

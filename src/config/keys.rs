@@ -15,10 +15,10 @@ use toml::de::{DeTable, DeValue};
 
 use super::error::Problem;
 use super::file::{
-    AdminSection, ClientAuthSection, FileConfig, GlobalTimeouts, HealthCheckSection, LimitsSection,
-    ListenerSection, LogSection, OutlierSection, ReloadSection, ResolverSection, RespondSection,
-    RetrySection, RouteSection, RouteTimeoutsSection, ServerTable, TlsCertSection, UpstreamSection,
-    UpstreamTimeoutsSection, UpstreamTlsSection,
+    AdminSection, ClientAuthSection, FileConfig, GlobalTimeouts, HealthCheckSection, Http2Section,
+    LimitsSection, ListenerSection, LogSection, OutlierSection, ReloadSection, ResolverSection,
+    RespondSection, RetrySection, RouteSection, RouteTimeoutsSection, ServerTable, TlsCertSection,
+    UpstreamSection, UpstreamTimeoutsSection, UpstreamTlsSection,
 };
 
 /// The shape of one value in the file, as far as key checking needs it.
@@ -50,6 +50,7 @@ pub(crate) static ROOT: Node = Node::Struct {
         ("limits", leaf(fields_of::<LimitsSection>)),
         ("resolver", leaf(fields_of::<ResolverSection>)),
         ("reload", leaf(fields_of::<ReloadSection>)),
+        ("http2", leaf(fields_of::<Http2Section>)),
         (
             "listener",
             Node::Array(&Node::Struct {

@@ -35,6 +35,31 @@ pub struct Snapshot {
     /// `[reload] watch`: how often to look at the file for changes; `None`: only on a signal or
     /// `POST /reload`.
     pub watch: Option<Duration>,
+    pub http2: Http2Settings,
+}
+
+/// `[http2]`, resolved: what every HTTP/2 client connection is held to (`http2::server`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Settings {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS we announce.
+    pub max_concurrent_streams: u32,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE: the decoded size of one header block (HPACK bombs and
+    /// CONTINUATION floods stop here).
+    pub max_header_list_size: u32,
+    pub stream_window: u32,
+    pub connection_window: u32,
+    /// Streams reset by the client before we accepted them (h2's own Rapid Reset guard).
+    pub max_pending_resets: usize,
+    /// Client resets on one connection past which, when they are also more than half of its
+    /// streams, it is closed (Rapid Reset, CVE-2023-44487).
+    pub max_client_resets: u64,
+    /// Resets we are made to send for the client's protocol errors (MadeYouReset,
+    /// CVE-2025-8671).
+    pub max_local_error_resets: usize,
+    /// PING, SETTINGS and PRIORITY frames allowed in any 10-second window.
+    pub max_control_frames: u32,
+    /// Longest wait for the client to take more response bytes (a zero window).
+    pub send_timeout: Duration,
 }
 
 /// How server names are resolved (`[resolver]`).
@@ -86,6 +111,8 @@ pub struct ListenerSettings {
     pub max_connections: usize,
     /// TLS termination, when the listener has `tls`.
     pub tls: Option<TlsSettings>,
+    /// HTTP/2: in ALPN on a TLS listener; with prior knowledge (h2c) on a plain one.
+    pub http2: bool,
 }
 
 /// A listener's TLS: the rustls config, and with client certificates, the request header that
@@ -147,6 +174,8 @@ pub struct Upstream {
     pub max_idle_per_server: usize,
     /// Connect to the servers over TLS, with this client.
     pub tls: Option<Arc<crate::upstream::tls::UpstreamTls>>,
+    /// What the upstream's servers speak.
+    pub protocol: UpstreamProtocol,
     /// Shared with the metrics registry, so counts survive a reload of the same upstream name.
     pub metrics: Arc<UpstreamMetrics>,
     /// What requests to this upstream share while they run: the wait queue, the retry budget.
@@ -159,6 +188,23 @@ impl Upstream {
         self.specs
             .iter()
             .any(|s| matches!(s.host, ServerHost::Name { .. }))
+    }
+}
+
+/// The protocol spoken to an upstream's servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    /// HTTP/2 over cleartext TCP, with prior knowledge (RFC 9113 §3.3).
+    H2c,
+    /// HTTP/2 over TLS, negotiated by ALPN.
+    H2,
+}
+
+impl UpstreamProtocol {
+    /// Requests go out as HTTP/2 streams on shared connections (`http2::client`).
+    pub fn is_http2(self) -> bool {
+        matches!(self, UpstreamProtocol::H2c | UpstreamProtocol::H2)
     }
 }
 

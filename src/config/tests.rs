@@ -572,8 +572,8 @@ fn every_unknown_key_is_reported_with_the_other_problems() {
     assert_eq!(
         errors(&text),
         [
-            "4:1: unknown field `colour`, expected one of `name`, `listen`, `max_connections`, `tls`, `client_auth`",
-            "7:1: unknown field `flavour`, expected one of `servers`, `keepalive`, `timeouts`, \
+            "4:1: unknown field `colour`, expected one of `name`, `listen`, `max_connections`, `tls`, `client_auth`, `http2`",
+            "7:1: unknown field `flavour`, expected one of `servers`, `protocol`, `keepalive`, `timeouts`, \
              `balance`, `hash_key`, `sticky_cookie`, `slow_start`, `panic_threshold`, \
              `max_conns`, `max_pending`, `queue_timeout`, `health_check`, `outlier`, `retry`, `tls`",
             "10:12: unknown upstream \"nope\" (defined: app)",
@@ -732,6 +732,7 @@ fn key_scan_describes_every_table() {
         [
             "",
             ".admin",
+            ".http2",
             ".limits",
             ".listener[]",
             ".listener[].client_auth",
@@ -1015,4 +1016,76 @@ fn reload_watch_is_off_by_default_and_its_interval_needs_it() {
         "6:12",
         "",
     );
+}
+
+#[test]
+fn http2_defaults_are_on_without_a_table() {
+    let s = ok(LISTENER);
+    let h = s.http2;
+    assert_eq!(h.max_concurrent_streams, 100);
+    assert_eq!(h.max_header_list_size, 32 * 1024);
+    assert_eq!(h.stream_window, 256 * 1024);
+    assert_eq!(h.connection_window, 1024 * 1024);
+    assert_eq!(h.max_pending_resets, 20);
+    assert_eq!(h.max_client_resets, 100);
+    assert_eq!(h.max_local_error_resets, 200);
+    assert_eq!(h.max_control_frames, 500);
+    assert_eq!(h.send_timeout, Duration::from_secs(60));
+    // A plain listener does not take h2c unless it says so.
+    assert!(!s.listeners[0].http2);
+    assert!(ok(&format!("{LISTENER}http2 = true\n")).listeners[0].http2);
+}
+
+#[test]
+fn http2_values_are_checked_where_they_are() {
+    let text = format!(
+        "{LISTENER}[http2]\nmax_concurrent_streams = 0\nstream_window = 100\n\
+         connection_window = \"4GiB\"\nmax_header_list_size = \"1GiB\"\nsend_timeout = \"0s\"\n\
+         max_control_frames = -1\nmax_streams = 5\n"
+    );
+    let errors = errors(&text);
+    assert_eq!(errors.len(), 7, "{errors:#?}");
+    assert!(errors[0].starts_with("5:26: http2.max_concurrent_streams must be between 1 and 10000"));
+    assert!(errors[1].starts_with("6:17: http2.stream_window must be at least 65535"));
+    assert!(errors[2].starts_with("7:21: http2.connection_window must be below 2GiB"));
+    assert!(errors[3].starts_with("8:24: http2.max_header_list_size must be at most 16MiB"));
+    assert!(errors[4].starts_with("9:16: duration must be > 0"));
+    assert!(errors[5].starts_with("10:22: http2.max_control_frames must be between"));
+    assert!(
+        errors[6].starts_with("11:1: unknown field `max_streams`"),
+        "{}",
+        errors[6]
+    );
+}
+
+#[test]
+fn upstream_protocol_is_checked() {
+    let up = |p: &str| {
+        format!("{LISTENER}[upstream.a]\nservers = [\"127.0.0.1:1\"]\nprotocol = \"{p}\"\n")
+    };
+    use super::snapshot::UpstreamProtocol;
+    assert_eq!(ok(&up("h2c")).upstreams[0].protocol, UpstreamProtocol::H2c);
+    assert_eq!(
+        ok(&up("http1")).upstreams[0].protocol,
+        UpstreamProtocol::Http1
+    );
+    let h2 = format!("{}tls = {{ verify = false }}\n", up("h2"));
+    assert_eq!(ok(&h2).upstreams[0].protocol, UpstreamProtocol::H2);
+    assert!(ok(&h2).upstreams[0].tls.is_some());
+    assert_one_error(
+        &format!("{}tls = false\n", up("h2")),
+        "7:7",
+        "for cleartext HTTP/2 use protocol = \"h2c\"",
+    );
+    assert_one_error(
+        &format!("{}tls = {{ verify = false }}\n", up("h2c")),
+        "7:7",
+        "for HTTP/2 over TLS use protocol = \"h2\"",
+    );
+    assert_one_error(
+        &format!("{}health_check = {{ path = \"/\" }}\n", up("h2c")),
+        "7:16",
+        "type = \"tcp\"",
+    );
+    assert_one_error(&up("spdy"), "6:12", "unknown protocol \"spdy\"");
 }

@@ -67,6 +67,9 @@ enum State {
 #[derive(Debug)]
 pub struct Decoder {
     state: State,
+    /// The trailer section's lines (each with its CRLF), when the caller asked to keep them:
+    /// an HTTP/2 client can receive them, an HTTP/1.1 one gets none (RFC 9112 §7.1.2).
+    trailers: Option<BytesMut>,
 }
 
 #[derive(Debug)]
@@ -84,7 +87,20 @@ impl Decoder {
             Framing::Chunked => State::Chunked(Chunk::Size),
             Framing::UntilClose => State::UntilClose,
         };
-        Decoder { state }
+        Decoder {
+            state,
+            trailers: None,
+        }
+    }
+
+    /// Keeps the trailer fields of a chunked body instead of discarding them.
+    pub fn keep_trailers(&mut self) {
+        self.trailers = Some(BytesMut::new());
+    }
+
+    /// The trailer lines kept so far, `name: value\r\n` each.
+    pub fn take_trailers(&mut self) -> Option<BytesMut> {
+        self.trailers.take().filter(|t| !t.is_empty())
     }
 
     pub fn is_done(&self) -> bool {
@@ -202,6 +218,10 @@ impl Decoder {
                 });
                 if !valid {
                     return Err(RelayError::Malformed("invalid trailer field"));
+                }
+                if let Some(kept) = &mut self.trailers {
+                    kept.extend_from_slice(&line);
+                    kept.extend_from_slice(b"\r\n");
                 }
                 self.state = State::Chunked(Chunk::Trailers(seen));
                 Ok(None)

@@ -13,7 +13,6 @@ use super::ProxyError;
 use crate::app::Shared;
 use crate::balance::{stable_hash, Algorithm, HashKey};
 use crate::config::snapshot::{Server, Targets, Upstream, UpstreamTimeouts};
-use crate::conn::Client;
 use crate::http1::request::RequestHead;
 use crate::metrics::UpstreamErrorKind;
 use crate::upstream::select::{self, NoServer, Tried};
@@ -25,11 +24,11 @@ use crate::upstream::{self, UpstreamConn};
 pub(super) fn pick_request(
     upstream: &Upstream,
     head: &RequestHead,
-    client: &Client,
+    peer: std::net::SocketAddr,
 ) -> select::Request {
     let hash = match &upstream.balance.algorithm {
         Algorithm::ConsistentHash(key) => match key {
-            HashKey::ClientIp => Some(match client.peer.ip() {
+            HashKey::ClientIp => Some(match peer.ip() {
                 std::net::IpAddr::V4(ip) => stable_hash(&ip.octets()),
                 std::net::IpAddr::V6(ip) => stable_hash(&ip.octets()),
             }),
@@ -148,7 +147,7 @@ pub(super) async fn acquire<'t>(
 const MAX_CONNECT_TRIES: usize = 8;
 
 /// Waits in the upstream's queue until a server is under its cap again, or answers 503.
-async fn wait_for_server(
+pub(super) async fn wait_for_server(
     upstream: &Upstream,
     targets: &Targets,
     pick: select::Request,

@@ -16,6 +16,7 @@ use super::pool::ServerIdle;
 use super::state::ServerState;
 use crate::balance::{stable_hash, Algorithm, Balancer};
 use crate::config::snapshot::{ServerHost, ServerSpec};
+use crate::http2::client::ServerConns;
 use crate::metrics::Metrics;
 
 #[derive(Debug)]
@@ -38,6 +39,8 @@ pub struct Server {
     pub idle: OnceLock<Arc<ServerIdle>>,
     /// The name this server was configured by, when it was (the TLS name to verify and send).
     pub host_name: Option<Arc<str>>,
+    /// Its HTTP/2 connections, when the upstream speaks h2c; found like `idle`.
+    pub h2: OnceLock<Arc<ServerConns>>,
 }
 
 impl Server {
@@ -103,6 +106,7 @@ impl Targets {
                         ServerHost::Name { host, .. } => Some(host.as_str().into()),
                         ServerHost::Addr(_) => None,
                     },
+                    h2: OnceLock::new(),
                 });
             }
         }

@@ -74,8 +74,8 @@ impl fmt::Debug for UpstreamTls {
 }
 
 /// Reads every file the settings name and builds the TLS client. TLS 1.3 and 1.2 only, ALPN
-/// `http/1.1`, sessions resumed where the server allows.
-pub fn build(files: &TlsFiles) -> Result<UpstreamTls, SetupError> {
+/// `alpn` (what the upstream's `protocol` speaks), sessions resumed where the server allows.
+pub fn build(files: &TlsFiles, alpn: &[&[u8]]) -> Result<UpstreamTls, SetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server_name = files
         .server_name
@@ -108,7 +108,7 @@ pub fn build(files: &TlsFiles) -> Result<UpstreamTls, SetupError> {
         // The config compiler reports one without the other.
         _ => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(UpstreamTls {
         config: Arc::new(config),
         server_name,

@@ -476,7 +476,7 @@ fn any_name_client(sni: bool) -> Arc<rustls::ClientConfig> {
         verify: false,
         ..Default::default()
     };
-    let tls = gatehouse::upstream::tls::build(&files).expect("a no-verify client");
+    let tls = gatehouse::upstream::tls::build(&files, &[b"http/1.1"]).expect("a no-verify client");
     let mut config = rustls::ClientConfig::clone(tls.client_config());
     config.enable_sni = sni;
     Arc::new(config)
@@ -611,4 +611,44 @@ fn check_reports_bad_client_auth() {
             .unwrap_or_else(|| panic!("no diagnostic on line {at}: {output}"));
         assert!(line.contains(says), "{line} should say {says:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_certificate_subject_reaches_the_upstream_from_http2_clients_too() {
+    use http_body_util::BodyExt;
+    let ca = TestCa::new();
+    let clients = TestCa::new();
+    let leaf = ca.leaf("site", &["gatehouse.test"]);
+    let upstream = HttpUpstream::echo().await;
+    let proxy = Proxy::start_toml(&mtls_config(&leaf, &clients, true, upstream.addr())).await;
+
+    let carol = clients.client_leaf("carol", "carol");
+    let mut config = rustls::ClientConfig::clone(&ca.client_with_cert(&carol));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let conn = connect(proxy.addr(), "gatehouse.test", &Arc::new(config)).await;
+    assert_eq!(conn.session().alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, driver) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
+                conn.stream,
+            ))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(driver);
+    let request = http::Request::get("https://gatehouse.test/h2")
+        .header("x-client-subject", "CN=forged")
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let resp = within("HTTP/2 request", send.send_request(request))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let echo = Echo::parse(std::str::from_utf8(&body).expect("utf-8"));
+    assert_eq!(
+        echo.header_all("x-client-subject"),
+        ["CN=carol,O=Gatehouse Tests"],
+        "{}",
+        echo.raw
+    );
 }

@@ -6,7 +6,8 @@
 use std::net::SocketAddr;
 
 use crate::support::certs::TestCa;
-use crate::support::http_upstream::{echo, Handshake};
+use crate::support::h2::H2Upstream;
+use crate::support::http_upstream::{echo, Body, Handshake};
 use crate::support::proxy::metric_value;
 use crate::support::{client, gatehouse_check, poll_until, route_toml, Echo, HttpUpstream, Proxy};
 
@@ -246,4 +247,48 @@ fn check_reports_bad_upstream_tls_settings_at_the_value() {
     let (code, output, _) =
         gatehouse_check(&format!("{listener}{}", config(upstream, "verify = false")));
     assert_eq!(code, Some(0), "{output}");
+}
+
+/// Answers with the HTTP version the request came in, after reading its body.
+async fn version_h2(req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
+    use http_body_util::BodyExt;
+    let version = format!("{:?}", req.version());
+    let _ = req.into_body().collect().await;
+    crate::support::http_upstream::text_response(200, &version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_upstream_over_tls_is_verified_and_shared_by_every_request() {
+    let ca = TestCa::new();
+    let leaf = ca.leaf("upstream", &["grpc.internal"]);
+    let upstream = H2Upstream::start_tls(ca.server(&leaf, None), version_h2).await;
+    let tables = format!(
+        "[upstream.app]\nservers = [\"{}\"]\nprotocol = \"h2\"\n\
+         tls = {{ ca = \"{}\", server_name = \"grpc.internal\" }}\n\n{}",
+        upstream.addr(),
+        ca.pem_file().display(),
+        route_toml("/", "app")
+    );
+    let proxy = Proxy::start(&tables).await;
+    let gets = (0..6).map(|i| {
+        let url = proxy.url(&format!("/{i}"));
+        async move { client().get(url).send().await.expect("request") }
+    });
+    for resp in futures_util::future::join_all(gets).await {
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.expect("body"), "HTTP/2.0");
+    }
+    assert_eq!(upstream.requests(), 6);
+    assert_eq!(upstream.connections(), 1, "one multiplexed TLS connection");
+
+    // A server whose certificate this CA did not sign: no stream is opened on it.
+    let other = TestCa::new();
+    let stranger = other.leaf("stranger", &["grpc.internal"]);
+    let wrong = H2Upstream::start_tls(other.server(&stranger, None), version_h2).await;
+    let proxy =
+        Proxy::start(&tables.replace(&upstream.addr().to_string(), &wrong.addr().to_string()))
+            .await;
+    let resp = client().get(proxy.url("/")).send().await.expect("request");
+    assert_eq!(resp.status(), 502);
+    assert_eq!(wrong.requests(), 0);
 }

@@ -13,13 +13,13 @@ use crate::support::{poll_until, route_toml, within, HttpUpstream, Proxy};
 
 /// A WebSocket echo server on 127.0.0.1:0 (tokio-tungstenite), answering every text or binary
 /// message with the same message. Aborted on drop.
-struct EchoServer {
-    addr: SocketAddr,
+pub struct EchoServer {
+    pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl EchoServer {
-    async fn start() -> EchoServer {
+    pub async fn start() -> EchoServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(async move {

@@ -20,6 +20,7 @@ pub mod body;
 pub mod certs;
 pub mod dns;
 pub mod flaky;
+pub mod h2;
 pub mod http_upstream;
 pub mod load;
 pub mod proxy;

@@ -22,7 +22,7 @@ use crate::config::file::{
 use crate::config::snapshot::{
     BalanceSettings, HealthCheckKind, HealthCheckSettings, HostMatch, OutlierSettings,
     QueueSettings, RetrySettings, ServerHost, ServerSpec, StatusSet, Targets, Upstream,
-    UpstreamLive, UpstreamTimeouts,
+    UpstreamLive, UpstreamProtocol, UpstreamTimeouts,
 };
 use crate::config::values;
 use crate::upstream::tls::{SetupError, TlsFiles, UpstreamTls};
@@ -47,6 +47,7 @@ impl Checker<'_> {
     fn upstream(&mut self, name: String, section: UpstreamSection, globals: &Globals) -> Upstream {
         let UpstreamSection {
             servers,
+            protocol,
             keepalive,
             timeouts,
             balance,
@@ -125,7 +126,7 @@ impl Checker<'_> {
         }
         if !specs.is_empty() && specs.iter().all(|s| s.backup) {
             self.report(
-                servers_span,
+                servers_span.clone(),
                 format!(
                     "upstream {name:?} has only backup servers: at least one must be a primary"
                 ),
@@ -150,6 +151,22 @@ impl Checker<'_> {
             idle: self.duration(idle, g.idle),
             tunnel_idle: self.duration(tunnel_idle, g.tunnel_idle),
         };
+        let protocol_span = protocol.as_ref().map(|p| p.span());
+        let protocol = match &protocol {
+            None => UpstreamProtocol::Http1,
+            Some(p) => match p.get_ref().as_str() {
+                "http1" => UpstreamProtocol::Http1,
+                "h2c" => UpstreamProtocol::H2c,
+                "h2" => UpstreamProtocol::H2,
+                other => {
+                    let message = format!(
+                        "unknown protocol {other:?}: expected \"http1\", \"h2c\" or \"h2\""
+                    );
+                    self.report(p.span(), message);
+                    UpstreamProtocol::Http1
+                }
+            },
+        };
         let algorithm = self.algorithm(&name, balance, hash_key);
         let sticky_cookie = sticky_cookie.and_then(|c| {
             let ok = values::cookie_name(c.get_ref());
@@ -172,10 +189,45 @@ impl Checker<'_> {
                 .map_or(defaults::MAX_PENDING, |m| u32::try_from(m).unwrap_or(0)),
             timeout: self.duration(queue_timeout, defaults::QUEUE_TIMEOUT),
         };
+        let health_span = health_check.as_ref().map(|h| h.span());
         let health_check = health_check.map(|h| self.health_check(h));
         let outlier = self.outlier(outlier.unwrap_or_default());
         let retry = self.retry(retry.unwrap_or_default(), &timeouts);
-        let tls = tls.and_then(|t| self.upstream_tls(t));
+        let protocol_span = protocol_span.unwrap_or_else(|| servers_span.clone());
+        let tls = match (protocol, tls) {
+            // HTTP/2 over TLS: TLS whether or not the table says more about it.
+            (UpstreamProtocol::H2, None) => self.upstream_tls(
+                Spanned::new(protocol_span, UpstreamTlsValue::Enabled(true)),
+                protocol,
+            ),
+            (UpstreamProtocol::H2, Some(t))
+                if matches!(t.get_ref(), UpstreamTlsValue::Enabled(false)) =>
+            {
+                self.report(
+                    t.span(),
+                    "protocol = \"h2\" is HTTP/2 over TLS; for cleartext HTTP/2 use protocol = \"h2c\"",
+                );
+                None
+            }
+            (UpstreamProtocol::H2c, Some(t))
+                if !matches!(t.get_ref(), UpstreamTlsValue::Enabled(false)) =>
+            {
+                self.report(
+                    t.span(),
+                    "protocol = \"h2c\" is cleartext HTTP/2; for HTTP/2 over TLS use protocol = \"h2\"",
+                );
+                None
+            }
+            (_, t) => t.and_then(|t| self.upstream_tls(t, protocol)),
+        };
+        if let (true, Some(h)) = (protocol.is_http2(), &health_check) {
+            if !matches!(h.kind, HealthCheckKind::Tcp) {
+                self.report(
+                    health_span.clone().unwrap_or_else(|| servers_span.clone()),
+                    "HTTP health checks speak HTTP/1.1, which an HTTP/2 upstream may not: use health_check = { type = \"tcp\" } (with protocol = \"h2\" it checks the TLS handshake too)",
+                );
+            }
+        }
         Upstream {
             targets: ArcSwap::from_pointee(Targets::empty(&balance.algorithm)),
             name,
@@ -188,13 +240,18 @@ impl Checker<'_> {
             timeouts,
             max_idle_per_server,
             tls,
+            protocol,
             metrics: Arc::default(),
             live: UpstreamLive::default(),
         }
     }
 
     /// Reads the CA and client certificate files now, so that `check` names a bad one.
-    fn upstream_tls(&mut self, tls: Spanned<UpstreamTlsValue>) -> Option<Arc<UpstreamTls>> {
+    fn upstream_tls(
+        &mut self,
+        tls: Spanned<UpstreamTlsValue>,
+        protocol: UpstreamProtocol,
+    ) -> Option<Arc<UpstreamTls>> {
         let span = tls.span();
         let section = match tls.into_inner() {
             UpstreamTlsValue::Enabled(false) => return None,
@@ -227,7 +284,11 @@ impl Checker<'_> {
             client_cert: client_cert.as_ref().map(|c| self.file_path(c.get_ref())),
             client_key: client_key.as_ref().map(|k| self.file_path(k.get_ref())),
         };
-        match crate::upstream::tls::build(&files) {
+        let alpn: &[&[u8]] = match protocol {
+            UpstreamProtocol::H2 => &[b"h2"],
+            UpstreamProtocol::Http1 | UpstreamProtocol::H2c => &[b"http/1.1"],
+        };
+        match crate::upstream::tls::build(&files, alpn) {
             Ok(t) => Some(Arc::new(t)),
             Err(e) => {
                 // Point at the value the problem is in.
