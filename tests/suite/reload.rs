@@ -1,11 +1,11 @@
 //! Hot reload: a new config goes in force without dropping a request; a broken one changes
 //! nothing and says where it is broken.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::backend::Backend;
+use crate::support::h2::H2C_CONFIG;
+use crate::support::load::{Load, Speak};
 use crate::support::raw::RawConn;
 use crate::support::{client, closed_port, poll_until, route_toml, within, HttpUpstream, Proxy};
 
@@ -201,40 +201,17 @@ async fn a_keep_alive_client_gets_the_new_config_on_its_next_request() {
     assert_eq!(conn.read_response(false).await.body_text(), "after");
 }
 
-/// 100 reloads under steady keep-alive load, alternating two good configs and, every tenth time,
-/// a broken one: not one request may fail, and every answer must come from a config in force.
+/// 100 reloads under steady load, alternating two good configs and, every tenth time, a broken
+/// one: not one request may fail, and every answer must come from a config in force. The load
+/// is HTTP/1.1 keep-alive clients and HTTP/2 (h2c) clients, whose connections stay open across
+/// every reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_reloads_under_load_lose_no_request() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let proxy = Proxy::start(&to_backend(&a)).await;
-    let done = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..6 {
-        let (done, sent, url) = (Arc::clone(&done), Arc::clone(&sent), proxy.url("/l"));
-        tasks.push(tokio::spawn(async move {
-            let client = client();
-            let mut failures = Vec::new();
-            // Bounded: stops when the reloads are done, or after 200,000 requests.
-            for _ in 0..200_000 {
-                if done.load(SeqCst) {
-                    break;
-                }
-                match client.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => {
-                        let text = r.text().await.unwrap_or_default();
-                        if text != "a" && text != "b" {
-                            failures.push(format!("body {text:?}"));
-                        }
-                    }
-                    Ok(r) => failures.push(format!("status {}", r.status())),
-                    Err(e) => failures.push(format!("error {e}")),
-                }
-                sent.fetch_add(1, SeqCst);
-            }
-            failures
-        }));
-    }
+    let with_h2c = |tables: String| format!("{H2C_CONFIG}{tables}");
+    let proxy = Proxy::start_toml(&with_h2c(to_backend(&a))).await;
+    let load = Load::start(&proxy.url("/l"), 6, &["a", "b"]);
+    let load_h2 = Load::start_speaking(Speak::H2c, &proxy.url("/l"), 2, &["a", "b"]);
     let mut good = 0;
     for i in 0..100 {
         let (toml, expect) = match i {
@@ -242,34 +219,26 @@ async fn a_hundred_reloads_under_load_lose_no_request() {
             i if i % 2 == 0 => (to_backend(&b), 200),
             _ => (to_backend(&a), 200),
         };
-        proxy.rewrite(&toml);
+        proxy.rewrite_toml(&with_h2c(toml));
         let (status, text) = within("POST /reload", proxy.reload()).await;
         assert_eq!(status, expect, "reload {i}: {text}");
         good += usize::from(status == 200);
         // Let some requests through on each config.
-        let seen = sent.load(SeqCst);
-        poll_until(Duration::from_secs(10), || async {
-            (sent.load(SeqCst) >= seen + 20).then_some(())
-        })
-        .await;
+        assert!(load.let_through(20).await, "the load stalled");
+        assert!(load_h2.let_through(10).await, "the HTTP/2 load stalled");
     }
-    done.store(true, SeqCst);
-    let mut failures = Vec::new();
-    for t in tasks {
-        failures.extend(t.await.expect("load task"));
+    let (tally, _) = load.stop().await;
+    let (tally_h2, _) = load_h2.stop().await;
+    for (what, t) in [("HTTP/1.1", &tally), ("HTTP/2", &tally_h2)] {
+        println!(
+            "figure reload-under-load {what}: {} requests, {} failed, 100 reloads ({good} applied, {} refused)",
+            t.sent,
+            t.failed(),
+            100 - good
+        );
+        assert_eq!(t.failed(), 0, "{what}: {:?}", t.examples);
+        assert!(t.count("a") > 0 && t.count("b") > 0, "{what}: {t:?}");
     }
-    let total = sent.load(SeqCst);
-    println!(
-        "figure reload-under-load: {total} requests, {} failed, 100 reloads ({good} applied, {} refused)",
-        failures.len(),
-        100 - good
-    );
-    assert!(
-        failures.is_empty(),
-        "{} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
     assert!(a.requests() > 0 && b.requests() > 0);
     let config = json(&proxy, "/config").await;
     assert_eq!(config["reloads_ok"], 90);

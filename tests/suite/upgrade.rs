@@ -12,7 +12,7 @@ use std::time::Duration;
 use tempfile::{NamedTempFile, TempDir};
 
 use crate::support::certs::TestCa;
-use crate::support::load::Load;
+use crate::support::load::{Load, Speak};
 use crate::support::proxy::write_config;
 use crate::support::raw::RawConn;
 use crate::support::{
@@ -50,7 +50,7 @@ impl Site {
         format!(
             "[log]\naccess = false\n\n[admin]\nlisten = \"{}\"\n\n\
              [timeouts]\nshutdown_grace = \"20s\"\n\n\
-             [[listener]]\nname = \"web\"\nlisten = \"{}\"\n\n{tables}",
+             [[listener]]\nname = \"web\"\nlisten = \"{}\"\nhttp2 = true\n\n{tables}",
             self.admin, self.web
         )
     }
@@ -229,6 +229,7 @@ async fn upgrades_under_load_refuse_and_fail_nothing() {
     // One config per process; each answers with its own name.
     const NAMES: &[&str] = &["gen0", "gen1", "gen2", "gen3", "gen4", "gen5"];
     const CLIENTS: usize = 6;
+    const H2_CLIENTS: usize = 2;
     let upgrades = NAMES.len() - 1;
     let site = Site::new();
     let configs: Vec<NamedTempFile> = NAMES.iter().map(|n| site.config(&respond(n))).collect();
@@ -236,9 +237,13 @@ async fn upgrades_under_load_refuse_and_fail_nothing() {
     site.wait_up().await;
     assert_eq!(body(&site.url("/")).await, NAMES[0]);
 
+    // HTTP/1.1 clients, and HTTP/2 ones whose streams share one connection each: those must
+    // be moved by GOAWAY, not cut.
     let load = Load::start(&site.url("/load"), CLIENTS, NAMES);
+    let load_h2 = Load::start_speaking(Speak::H2c, &site.url("/load"), H2_CLIENTS, NAMES);
     for (i, config) in configs.iter().enumerate().skip(1) {
         assert!(load.let_through(500).await, "the load stalled");
+        assert!(load_h2.let_through(200).await, "the HTTP/2 load stalled");
         let mut next = Gh::run(config.path(), Some(&site.socket), true);
         assert!(
             site.wait_body(NAMES[i]).await,
@@ -261,7 +266,36 @@ async fn upgrades_under_load_refuse_and_fail_nothing() {
         current = next;
     }
     assert!(load.let_through(500).await, "the load stalled");
+    assert!(load_h2.let_through(200).await, "the HTTP/2 load stalled");
     let (tally, elapsed) = load.stop().await;
+    let (tally_h2, elapsed_h2) = load_h2.stop().await;
+    println!(
+        "{}",
+        tally_h2.figure(
+            &format!("upgrade x{upgrades} (HTTP/2)"),
+            "gatehouse",
+            &format!(
+                "upgrades={upgrades} | clients={H2_CLIENTS} | elapsed_ms={}",
+                elapsed_h2.as_millis()
+            )
+        )
+    );
+    for e in &tally_h2.examples {
+        println!("detail | gatehouse upgrade HTTP/2 | failure: {e}");
+    }
+    assert_eq!(
+        (tally_h2.failed(), tally_h2.refused, tally_h2.reset),
+        (0, 0, 0),
+        "HTTP/2: {} of {} failed: {:?}",
+        tally_h2.failed(),
+        tally_h2.sent,
+        tally_h2.examples
+    );
+    // The HTTP/2 connections moved to the new processes after each GOAWAY.
+    assert!(
+        tally_h2.count(NAMES[0]) > 0 && tally_h2.count(NAMES[upgrades]) > 0,
+        "{tally_h2:?}"
+    );
     println!(
         "{}",
         tally.figure(

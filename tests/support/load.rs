@@ -146,16 +146,44 @@ pub struct Load {
     started: Instant,
 }
 
+/// What the load's clients speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speak {
+    /// HTTP/1.1 keep-alive, a connection per request in flight.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): each client's requests are streams on one connection,
+    /// so a GOAWAY (drain, upgrade) is what moves them to a new one.
+    H2c,
+}
+
 impl Load {
     /// Starts the clients on `url`; a 200 whose body is not in `accepted` is a failure.
     pub fn start(url: &str, clients: usize, accepted: &'static [&'static str]) -> Load {
+        Load::start_speaking(Speak::Http1, url, clients, accepted)
+    }
+
+    /// The same, speaking `speak`.
+    pub fn start_speaking(
+        speak: Speak,
+        url: &str,
+        clients: usize,
+        accepted: &'static [&'static str],
+    ) -> Load {
         let done = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..clients {
             let (done, sent, url) = (Arc::clone(&done), Arc::clone(&sent), url.to_owned());
             tasks.push(tokio::spawn(async move {
-                let client = client_with_timeout(Duration::from_secs(10));
+                let client = match speak {
+                    Speak::Http1 => client_with_timeout(Duration::from_secs(10)),
+                    Speak::H2c => reqwest::Client::builder()
+                        .no_proxy()
+                        .http2_prior_knowledge()
+                        .timeout(Duration::from_secs(10))
+                        .build()
+                        .expect("an h2c client"),
+                };
                 let deadline = Instant::now() + LOAD_LIMIT;
                 let mut t = Tally::default();
                 for _ in 0..MAX_PER_CLIENT {
