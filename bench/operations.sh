@@ -37,9 +37,12 @@ cargo test --release --locked --test main operations:: -- --ignored --nocapture 
   --test-threads=1 >"$out" 2>&1 || status=1
 cargo test --release --locked --test main upgrade::upgrades_under_load -- --nocapture \
   --test-threads=1 >>"$out" 2>&1 || status=1
+# The CI tests that put HTTP/1.1 and HTTP/2 (h2c) load on Gatehouse together.
+cargo test --release --locked --test main reload::a_hundred_reloads_under_load -- --nocapture \
+  --test-threads=1 >>"$out" 2>&1 || status=1
 # With one test thread, a test's first line of output continues its "test NAME ... " line.
 grep -oE '(operations|detail) \|.*|test result.*|panicked at.*' "$out" || true
-if ((status)) || [ "$(grep -c 'test result: ok' "$out")" -ne 2 ]; then
+if ((status)) || [ "$(grep -c 'test result: ok' "$out")" -ne 3 ]; then
   echo "operations tests failed; see $out" >&2
   exit 1
 fi

@@ -229,12 +229,18 @@ async fn a_hundred_reloads_under_load_lose_no_request() {
     }
     let (tally, _) = load.stop().await;
     let (tally_h2, _) = load_h2.stop().await;
-    for (what, t) in [("HTTP/1.1", &tally), ("HTTP/2", &tally_h2)] {
+    for (what, t) in [
+        ("reload x100 (HTTP/1.1, in-process)", &tally),
+        ("reload x100 (HTTP/2, in-process)", &tally_h2),
+    ] {
+        // The line bench/operations.sh puts in docs/operations.md.
         println!(
-            "figure reload-under-load {what}: {} requests, {} failed, 100 reloads ({good} applied, {} refused)",
-            t.sent,
-            t.failed(),
-            100 - good
+            "{}",
+            t.figure(
+                what,
+                "gatehouse POST /reload",
+                &format!("reloads=100 | applied={good} | rejected={}", 100 - good)
+            )
         );
         assert_eq!(t.failed(), 0, "{what}: {:?}", t.examples);
         assert!(t.count("a") > 0 && t.count("b") > 0, "{what}: {t:?}");
