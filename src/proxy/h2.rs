@@ -41,7 +41,7 @@ use crate::http1::response::{self, ResponseHead};
 use crate::http1::write::{self, Forwarded};
 use crate::http1::Framing;
 use crate::http2::server::{ConnShared, StreamGuard};
-use crate::http2::translate;
+use crate::http2::translate::{self, BodyKnown};
 use crate::metrics::UpstreamErrorKind;
 use crate::upstream::select::{self, NoServer, Tried};
 use crate::upstream::state::{now_ms, now_ns, UpstreamFailure};
@@ -68,7 +68,12 @@ pub async fn serve_stream(
         upstream: None,
         upstream_time: None,
     };
-    let head = match translate::request_head(&parts, body.is_end_stream(), &snap.limits) {
+    let known = if body.is_end_stream() {
+        BodyKnown::None
+    } else {
+        BodyKnown::Streaming
+    };
+    let head = match translate::request_head(&parts, known, &snap.limits) {
         Ok(head) => head,
         Err(e) => {
             let err = ProxyError::Head(e);
@@ -88,12 +93,13 @@ pub async fn serve_stream(
                 let upstream = snap.upstream(*id);
                 let s = Stream {
                     head: &head,
-                    headers: &parts.headers,
+                    parts: &parts,
                     route,
                     upstream,
                     shared: &shared,
                     conn,
                     send_timeout: snap.http2.send_timeout,
+                    limits: &snap.limits,
                 };
                 match upstream.protocol {
                     UpstreamProtocol::Http1 => {
@@ -120,12 +126,13 @@ pub async fn serve_stream(
 /// What one forwarded stream works with.
 pub(super) struct Stream<'a> {
     pub(super) head: &'a RequestHead,
-    pub(super) headers: &'a http::HeaderMap,
+    pub(super) parts: &'a http::request::Parts,
     pub(super) route: &'a Route,
     pub(super) upstream: &'a Upstream,
     pub(super) shared: &'a Shared,
     pub(super) conn: &'a ConnShared,
     pub(super) send_timeout: Duration,
+    pub(super) limits: &'a crate::config::snapshot::ConnLimits,
 }
 
 /// A request whose head could not be used is logged as `conn.rs` logs a refused HTTP/1.1 head.
@@ -277,6 +284,45 @@ pub(super) async fn client_reset(respond: &mut SendResponse<Bytes>) {
     let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
 }
 
+/// For a body of unknown length (no content-length, so chunked to an HTTP/1.1 upstream), the
+/// first DATA frame is awaited before anything goes upstream: HTTP/2 clients often send a
+/// small body whole in one frame, or end a GET with an empty one. Such a body then goes with
+/// a Content-Length (or none at all), which every HTTP/1.1 server takes and which lets a GET
+/// be retried; the head for it is returned. Otherwise the frame is handed back to lead the
+/// chunked body. Not with `Expect: 100-continue`, whose client waits for us first.
+async fn first_frame(
+    body: &mut RecvStream,
+    s: &Stream<'_>,
+    ex: &mut Exchange,
+) -> Result<(Option<RequestHead>, Option<Bytes>), ProxyError> {
+    let (head, route) = (s.head, s.route);
+    if head.framing != Framing::Chunked || head.expect_continue {
+        return Ok((None, None));
+    }
+    let first = match deadline::limit(route.client_body_timeout, body.data()).await {
+        Err(_) => return Err(ProxyError::ClientTimeout),
+        Ok(Some(Err(_))) => return Err(ProxyError::ClientGone),
+        Ok(None) => Bytes::new(),
+        Ok(Some(Ok(chunk))) => chunk,
+    };
+    if !body.is_end_stream() {
+        return Ok((None, (!first.is_empty()).then_some(first)));
+    }
+    let n = first.len() as u64;
+    if n > route.max_body_bytes {
+        return Err(ProxyError::BodyTooLarge);
+    }
+    let _ = body.flow_control().release_capacity(first.len());
+    let known = if n == 0 {
+        BodyKnown::None
+    } else {
+        BodyKnown::Whole(n)
+    };
+    let whole = translate::request_head(s.parts, known, s.limits).map_err(ProxyError::Head)?;
+    ex.request_done = true;
+    Ok((Some(whole), (n > 0).then_some(first)))
+}
+
 /// On a `retry_with_body` route, a body of known, modest length is read whole first.
 async fn buffer_body(
     body: &mut RecvStream,
@@ -313,12 +359,14 @@ async fn forward_h1(
     body: &mut RecvStream,
     ex: &mut Exchange,
 ) -> Result<(), ProxyError> {
-    let (head, route, upstream, shared) = (s.head, s.route, s.upstream, s.shared);
-    if let Framing::Length(n) = head.framing {
+    let (route, upstream, shared) = (s.route, s.upstream, s.shared);
+    if let Framing::Length(n) = s.head.framing {
         if n > route.max_body_bytes {
             return Err(ProxyError::BodyTooLarge);
         }
     }
+    let (whole_head, first) = first_frame(body, s, ex).await?;
+    let head = whole_head.as_ref().unwrap_or(s.head);
     let timeouts = route.upstream_timeouts.unwrap_or(upstream.timeouts);
     let targets = upstream.targets.load_full();
     let pick = pick_request(upstream, head, s.conn.peer);
@@ -327,9 +375,14 @@ async fn forward_h1(
         *cont.status_mut() = http::StatusCode::CONTINUE;
         let _ = respond.send_informational(cont);
     }
-    let replay = buffer_body(body, head, route, ex).await?;
+    // A body that came whole in its first frame is sent with the head, as a replayable one
+    // is; the rest stream.
+    let (replay, first) = match (whole_head.is_some(), first) {
+        (true, whole) => (whole, None),
+        (false, first) => (buffer_body(body, head, route, ex).await?, first),
+    };
     let repeatable = if head.has_body() {
-        replay.is_some()
+        replay.is_some() && route.retry_with_body
     } else {
         route.retry_with_body || head.method.is_idempotent()
     };
@@ -369,6 +422,8 @@ async fn forward_h1(
                 outcome = round_trip_h1(
                     body,
                     s,
+                    head,
+                    first.clone(),
                     &mut conn,
                     &mut out,
                     &mut up_buf,
@@ -705,6 +760,8 @@ pub(super) fn sticky_cookie(
 async fn round_trip_h1(
     body: &mut RecvStream,
     s: &Stream<'_>,
+    head: &RequestHead,
+    first: Option<Bytes>,
     conn: &mut UpstreamConn,
     out: &mut Vec<u8>,
     up_buf: &mut BytesMut,
@@ -713,7 +770,6 @@ async fn round_trip_h1(
     header_timeout: Duration,
     ex: &mut Exchange,
 ) -> Result<ResponseHead, ProxyError> {
-    let head = s.head;
     let written = match replay {
         Some(b) => {
             let mut bufs = [std::io::IoSlice::new(out), std::io::IoSlice::new(b)];
@@ -727,7 +783,7 @@ async fn round_trip_h1(
             deadline::limit(timeouts.write, conn.stream.write_all(out)).await
         }
         None => {
-            upload_h1(body, s, conn, out, timeouts.write).await?;
+            upload_h1(body, s, head, first, conn, out, timeouts.write).await?;
             ex.request_done = true;
             Ok(Ok(()))
         }
@@ -776,11 +832,13 @@ async fn round_trip_h1(
 async fn upload_h1(
     body: &mut RecvStream,
     s: &Stream<'_>,
+    head: &RequestHead,
+    first: Option<Bytes>,
     conn: &mut UpstreamConn,
     out: &mut Vec<u8>,
     write_timeout: Duration,
 ) -> Result<(), ProxyError> {
-    let (head, route) = (s.head, s.route);
+    let route = s.route;
     let encoder = Encoder::new(head.framing);
     let write_err = |e: Result<std::io::Result<()>, deadline::Elapsed>| match e {
         Ok(Ok(())) => Ok(()),
@@ -788,8 +846,13 @@ async fn upload_h1(
         Err(_) => Err(ProxyError::Upstream(UpstreamErrorKind::Timeout)),
     };
     let mut total = 0u64;
+    let mut first = first;
     loop {
-        match deadline::limit(route.client_body_timeout, body.data()).await {
+        let next = match first.take() {
+            Some(chunk) => Ok(Some(Ok(chunk))),
+            None => deadline::limit(route.client_body_timeout, body.data()).await,
+        };
+        match next {
             Err(_) => return Err(ProxyError::ClientTimeout),
             Ok(None) => break,
             Ok(Some(Err(_))) => return Err(ProxyError::ClientGone),

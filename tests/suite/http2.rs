@@ -539,3 +539,44 @@ async fn curl_and_h2load_speak_http2_to_gatehouse() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_body_that_arrives_whole_is_sent_with_a_length_and_an_empty_one_without() {
+    let up = HttpUpstream::echo().await;
+    let proxy = h2c_proxy(up.addr(), "").await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let echo = |res: http::Response<h2::RecvStream>| async move {
+        assert_eq!(res.status(), 200);
+        let mut body = res.into_body();
+        let mut text = Vec::new();
+        while let Some(chunk) = within("body", body.data()).await {
+            text.extend_from_slice(&chunk.unwrap());
+        }
+        Echo::parse(std::str::from_utf8(&text).unwrap())
+    };
+    // One DATA frame with END_STREAM, no content-length.
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://a/whole")
+        .body(())
+        .unwrap();
+    let (res, mut body) = send.send_request(req, false).unwrap();
+    body.send_data(Bytes::from_static(b"hello"), true).unwrap();
+    let e = echo(within("response", res).await.unwrap()).await;
+    assert_eq!(e.header("content-length"), Some("5"), "{}", e.raw);
+    assert_eq!(e.header("transfer-encoding"), None);
+    assert_eq!(e.body_len, 5);
+    // A GET whose HEADERS did not end the stream, ended by an empty DATA frame.
+    let req = http::Request::builder()
+        .uri("http://a/get")
+        .body(())
+        .unwrap();
+    let (res, mut body) = send.send_request(req, false).unwrap();
+    body.send_data(Bytes::new(), true).unwrap();
+    let e = echo(within("response", res).await.unwrap()).await;
+    assert_eq!(e.header("content-length"), None, "{}", e.raw);
+    assert_eq!(e.header("transfer-encoding"), None, "{}", e.raw);
+}
