@@ -13,6 +13,10 @@
 //!
 //! Errors from any phase come back as `ProxyError`, which knows its status; if nothing was sent
 //! to the client yet, `send_error` answers with it.
+//!
+//! HTTP/2 streams take the same phases in `h2.rs` (one task per stream, the request seen
+//! through its HTTP/1.1 translation); `h2_upstream.rs` forwards to upstreams that speak
+//! HTTP/2, for either kind of client.
 
 mod acquire;
 mod error;
