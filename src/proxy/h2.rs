@@ -26,13 +26,12 @@ use h2::{RecvStream, SendStream};
 use http::header::{self, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::acquire::{acquire, open, pick_request, server_failed, server_index};
+use super::acquire::{acquire, may_retry, open, pick_request, server_failed};
 use super::{finish, h2_upstream, relay_error_kind, Exchange, ProxyError, REPLAY_LIMIT};
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
 use crate::config::snapshot::{
-    FixedResponse, Route, RouteAction, Server, Targets, Upstream, UpstreamProtocol,
-    UpstreamTimeouts,
+    FixedResponse, Route, RouteAction, Server, Upstream, UpstreamProtocol, UpstreamTimeouts,
 };
 use crate::deadline;
 use crate::http1::body::{self, Decoded, Decoder, Encoder};
@@ -43,7 +42,7 @@ use crate::http1::Framing;
 use crate::http2::server::{ConnShared, StreamGuard};
 use crate::http2::translate::{self, BodyKnown};
 use crate::metrics::UpstreamErrorKind;
-use crate::upstream::select::{self, NoServer, Tried};
+use crate::upstream::select::Tried;
 use crate::upstream::state::{now_ms, now_ns, UpstreamFailure};
 use crate::upstream::{self, UpstreamConn};
 
@@ -494,9 +493,9 @@ async fn forward_h1(
                 server,
                 kind,
                 up_buf.is_empty(),
-            ) || !repeatable
-                || tries >= retry.attempts
-            {
+                repeatable,
+                tries,
+            ) {
                 return Err(ProxyError::Upstream(kind));
             }
             up_buf.clear();
@@ -687,48 +686,6 @@ async fn tunnel_h2(
             0
         }
     }
-}
-
-/// Whether a failed try moves on to another server (the rules of `proxy::forward`): nothing
-/// of a response came, another server is left, and the retry budget allows it.
-fn may_retry(
-    upstream: &Upstream,
-    targets: &Targets,
-    pick: select::Request,
-    tried: &mut Tried,
-    server: &Server,
-    kind: UpstreamErrorKind,
-    nothing_read: bool,
-) -> bool {
-    let retry = &upstream.retry;
-    let died_before_answering = matches!(
-        kind,
-        UpstreamErrorKind::ClosedEarly | UpstreamErrorKind::Reset
-    ) && nothing_read;
-    let timed_out = kind == UpstreamErrorKind::Timeout && retry.per_try_timeout.is_some();
-    let not_connected = matches!(
-        kind,
-        UpstreamErrorKind::ConnectRefused
-            | UpstreamErrorKind::ConnectTimeout
-            | UpstreamErrorKind::Connect
-    );
-    if !(died_before_answering || timed_out || not_connected) {
-        return false;
-    }
-    tried.add(server_index(targets, server));
-    if select::select(upstream, targets, pick, *tried) == Err(NoServer::None) {
-        return false;
-    }
-    if !upstream
-        .live
-        .budget
-        .withdraw(retry.budget_min_per_second, now_ms())
-    {
-        upstream.metrics.retries_refused.fetch_add(1, Relaxed);
-        return false;
-    }
-    upstream.metrics.retries.fetch_add(1, Relaxed);
-    true
 }
 
 pub(super) fn sticky_cookie(
