@@ -279,6 +279,22 @@ def old_log(path):
     return text[a + len(LOG_START):b].strip("\n") or DEFAULT_LOG
 
 
+TLS_START, TLS_END = "<!-- tls:start -->", "<!-- tls:end -->"
+
+
+def old_tls(path):
+    """The TLS/HTTP/2 section bench/tls.sh wrote, kept as it is (it has its own run)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    a, b = text.find(TLS_START), text.find(TLS_END)
+    if a < 0 or b < a:
+        return ""
+    return text[a:b + len(TLS_END)]
+
+
 def targets(figs, meta):
     g = "gatehouse"
     rows = []
@@ -331,7 +347,7 @@ def targets(figs, meta):
     return rows
 
 
-def render(meta, figs, lat_runs, errors, log_text, svg_name):
+def render(meta, figs, lat_runs, errors, log_text, svg_name, tls_text=""):
     proxies = [p for p in ORDER if p in meta.get("proxies", [])] or ORDER
     m, v, prm = meta["machine"], meta["versions"], meta["params"]
     have_nginx = "nginx" in proxies
@@ -542,6 +558,9 @@ def render(meta, figs, lat_runs, errors, log_text, svg_name):
             L.append(f"- round {e.get('round')}, {LABEL.get(e.get('proxy'), e.get('proxy'))}"
                      f"{extra} ({e.get('kind')}): {what}")
         L.append("")
+    if tls_text:
+        L.append(tls_text)
+        L.append("")
     L.append("## Optimisation log")
     L.append("")
     L.append(LOG_START)
@@ -566,7 +585,7 @@ def main():
     rate = meta["params"]["rates"]["100"]
     svg_chart(lat_runs, proxies + ["direct"], os.path.join(a.docs, svg_name),
               f"Latency by percentile, 100 B responses at {rate:,} req/s (open loop)")
-    text = render(meta, figs, lat_runs, errors, old_log(md_path), svg_name)
+    text = render(meta, figs, lat_runs, errors, old_log(md_path), svg_name, old_tls(md_path))
     with open(md_path, "w") as f:
         f.write(text)
     print(f"report.py: wrote {md_path} and {os.path.join(a.docs, svg_name)}")

@@ -99,7 +99,10 @@ async fn reload(State(state): State<AdminState>) -> Response {
         Err(e) => {
             let status = match e {
                 ReloadError::Config(_) => StatusCode::BAD_REQUEST,
-                ReloadError::Bind { .. } | ReloadError::NoFile => StatusCode::CONFLICT,
+                ReloadError::Bind { .. }
+                | ReloadError::NoFile
+                | ReloadError::HandedOff
+                | ReloadError::HandoffInProgress => StatusCode::CONFLICT,
             };
             let body = ReloadFailed {
                 error: "the config was not reloaded; the previous one stays in force",
@@ -159,7 +162,8 @@ struct LastError {
 }
 
 /// `POST /drain`: what SIGTERM does, for taking a node out of a pool: stop accepting, finish
-/// what is in flight (responses say `Connection: close`), close idle connections, exit.
+/// what is in flight (responses say `Connection: close`), close idle connections a moment later
+/// (`app::IDLE_CLOSE_AFTER`), exit.
 async fn drain(State(state): State<AdminState>) -> Response {
     tracing::info!("POST /drain: draining");
     state.shared.start_drain();

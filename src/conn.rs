@@ -5,8 +5,9 @@
 //!
 //! Neighbours: `listener.rs` accepts and spawns `serve`; `http1::request` parses each head;
 //! `proxy::handle` serves the request. This module owns the client-side timeouts (header read,
-//! keep-alive idle) and the drain on shutdown: an idle connection is closed at once, a busy one
-//! finishes its request with `Connection: close`.
+//! keep-alive idle) and the drain on shutdown: a busy connection finishes its request with
+//! `Connection: close`, and so does an idle one whose client sends one more request; those still
+//! idle are closed a moment later (`app::IDLE_CLOSE_AFTER`).
 //!
 //! While a connection sits idle between requests it holds no buffers: they are released before
 //! waiting and allocated again when bytes arrive, so ten thousand idle keep-alive clients cost
@@ -23,13 +24,11 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-mod stream;
-
-pub use stream::ClientStream;
+pub use crate::stream::ClientStream;
 
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
-use crate::config::snapshot::ConnLimits;
+use crate::config::snapshot::{ConnLimits, TlsSettings};
 use crate::deadline;
 use crate::http1::request::{self, HeadError, RequestHead};
 use crate::http1::write::{self, Persistence};
@@ -50,6 +49,18 @@ pub struct Client {
     pub out: Vec<u8>,
     /// Read buffer for the upstream's response.
     pub up_buf: BytesMut,
+    /// On a listener with `client_auth.subject_header`: that header and what goes in it.
+    pub subject: Option<ClientSubject>,
+}
+
+/// The verified client certificate's subject, for the upstream: sent in `header` (whatever the
+/// client itself sent in that header is dropped, so it cannot be forged).
+#[derive(Debug, Clone)]
+pub struct ClientSubject {
+    /// Lower-case.
+    pub header: Arc<str>,
+    /// `None` when the client presented no certificate (`required = false`).
+    pub subject: Option<Arc<str>>,
 }
 
 impl Client {
@@ -96,6 +107,7 @@ pub fn serve(
         buf: BytesMut::new(),
         out: Vec::new(),
         up_buf: BytesMut::new(),
+        subject: None,
     };
     async move {
         if let Some(tls) = tls {
@@ -173,7 +185,7 @@ pub fn serve(
 
 /// What the listener tells a connection about how to serve it.
 pub struct ListenerConn {
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<TlsSettings>,
     /// The listener speaks HTTP/2: by ALPN on TLS (or by preface when the client sent no
     /// ALPN), by preface (h2c with prior knowledge) on cleartext.
     pub http2: bool,
@@ -192,8 +204,16 @@ async fn serve_h2(
     let stream = std::mem::replace(&mut client.stream, ClientStream::Closed);
     let tls = stream.is_tls();
     let prefix = client.buf.split().freeze();
-    let Client { peer, peer_ip, .. } = client;
-    crate::http2::server::serve(stream, prefix, peer, peer_ip, tls, shared, stop, connected).await;
+    let Client {
+        peer,
+        peer_ip,
+        subject,
+        ..
+    } = client;
+    crate::http2::server::serve(
+        stream, prefix, peer, peer_ip, tls, subject, shared, stop, connected,
+    )
+    .await;
 }
 
 /// On an h2c listener: reads until the first bytes either are the HTTP/2 connection preface
@@ -281,7 +301,7 @@ async fn read_head(
 /// is done.
 async fn start_tls(
     client: &mut Client,
-    tls: Arc<rustls::ServerConfig>,
+    tls: TlsSettings,
     shared: &Shared,
     connected: Instant,
 ) -> bool {
@@ -290,9 +310,20 @@ async fn start_tls(
     else {
         return false;
     };
-    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
+    let accept = tokio_rustls::TlsAcceptor::from(tls.config).accept(tcp);
     match tokio::time::timeout_at(connected + timeout, accept).await {
         Ok(Ok(stream)) => {
+            if let Some(header) = tls.subject_header {
+                // Verified by rustls against the listener's client CAs by now.
+                let subject = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(crate::tls::subject)
+                    .map(Arc::from);
+                client.subject = Some(ClientSubject { header, subject });
+            }
             client.stream = ClientStream::Tls(Box::new(stream));
             true
         }
@@ -315,12 +346,15 @@ async fn wait_readable(client: &mut Client, until: Instant, shared: &Shared) -> 
         // rustls may hold decrypted bytes already: only a read can tell.
         client.buf.reserve(HEAD_BUF);
         return tokio::select! {
+            // Biased, here and below: a request that has arrived is read and answered before a
+            // drain closes the connection; closing on it would fail that request.
+            biased;
             read = client.stream.read_buf(&mut client.buf) => match read {
                 Ok(n) if n > 0 => Ok(()),
                 _ => Err(NoHead::Quiet),
             },
             _ = tokio::time::sleep_until(until) => Err(NoHead::Quiet),
-            _ = shared.drain.cancelled() => Err(NoHead::Quiet),
+            _ = shared.close_idle.cancelled() => Err(NoHead::Quiet),
         };
     };
     loop {
@@ -328,9 +362,10 @@ async fn wait_readable(client: &mut Client, until: Instant, shared: &Shared) -> 
         // would put a 150-byte waiter in every idle connection's task.
         let ready = std::future::poll_fn(|cx| stream.poll_read_ready(cx));
         tokio::select! {
+            biased;
             ready = ready => ready.map_err(|_| NoHead::Quiet)?,
             _ = tokio::time::sleep_until(until) => return Err(NoHead::Quiet),
-            _ = shared.drain.cancelled() => return Err(NoHead::Quiet),
+            _ = shared.close_idle.cancelled() => return Err(NoHead::Quiet),
         }
         client.buf.reserve(HEAD_BUF);
         match stream.try_read_buf(&mut client.buf) {

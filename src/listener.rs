@@ -66,9 +66,7 @@ pub async fn accept_loop(
                     .listeners
                     .iter()
                     .find(|l| *l.name == *name)
-                    .map_or((None, false), |l| {
-                        (l.tls.as_ref().map(|t| Arc::clone(&t.0)), l.http2)
-                    });
+                    .map_or((None, false), |l| (l.tls.clone(), l.http2));
                 let listener = conn::ListenerConn {
                     tls,
                     http2,

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Check(config) => cli::check(&config.path()),
-        Command::Run(config) => match cli::run(&config.path()) {
+        Command::Run(args) => match cli::run(&args) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("gatehouse: {e:#}");

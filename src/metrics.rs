@@ -87,10 +87,13 @@ pub enum UpstreamErrorKind {
     Timeout,
     BadResponse,
     ClosedEarly,
+    /// The TLS handshake with the server failed: a certificate that did not verify, a server
+    /// that does not speak TLS on that port, no protocol in common.
+    Tls,
 }
 
 impl UpstreamErrorKind {
-    pub const ALL: [UpstreamErrorKind; 7] = [
+    pub const ALL: [UpstreamErrorKind; 8] = [
         UpstreamErrorKind::ConnectRefused,
         UpstreamErrorKind::ConnectTimeout,
         UpstreamErrorKind::Connect,
@@ -98,6 +101,7 @@ impl UpstreamErrorKind {
         UpstreamErrorKind::Timeout,
         UpstreamErrorKind::BadResponse,
         UpstreamErrorKind::ClosedEarly,
+        UpstreamErrorKind::Tls,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +113,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Timeout => "timeout",
             UpstreamErrorKind::BadResponse => "bad_response",
             UpstreamErrorKind::ClosedEarly => "closed_early",
+            UpstreamErrorKind::Tls => "tls",
         }
     }
 }
@@ -118,7 +123,7 @@ impl UpstreamErrorKind {
 pub struct UpstreamMetrics {
     pub connections_opened: AtomicU64,
     pub connections_reused: AtomicU64,
-    pub errors: [AtomicU64; 7],
+    pub errors: [AtomicU64; UpstreamErrorKind::ALL.len()],
     /// Tries after the first, on another server.
     pub retries: AtomicU64,
     /// Retries the budget refused.

@@ -35,9 +35,7 @@ use acquire::{acquire, may_retry, open, pick_request, server_failed};
 
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
-use crate::config::snapshot::{
-    FixedResponse, Route, RouteAction, Snapshot, Upstream, UpstreamProtocol,
-};
+use crate::config::snapshot::{FixedResponse, Route, RouteAction, Snapshot, Upstream};
 use crate::conn::Client;
 use crate::deadline;
 use crate::http1::body::{self, Decoder, Encoder, RelayError, RelayLimits};
@@ -109,11 +107,11 @@ pub async fn handle(
         tracing::debug!(client = %client.peer, status = ex.status, error = %err, "request failed");
     }
     finish(client.peer, head, route.map(|r| &**r), shared, &ex, started);
-    let keep_alive = head.keep_alive
-        && ex.request_done
-        && ex.response_done
-        && !ex.close_announced
-        && !shared.is_draining();
+    // What the response said decides, not whether a drain began meanwhile: a client told the
+    // connection persists may already be sending its next request on it, and closing now would
+    // fail that request. The next response says `Connection: close` instead (`plan_response`),
+    // and an idle connection is closed by the drain (`conn::wait_readable`).
+    let keep_alive = head.keep_alive && ex.request_done && ex.response_done && !ex.close_announced;
     if keep_alive {
         Next::KeepAlive
     } else {
@@ -196,7 +194,7 @@ async fn forward(
         }
         _ => {}
     }
-    if upstream.protocol == UpstreamProtocol::H2c {
+    if upstream.protocol.is_http2() {
         return h2_upstream::forward_from_h1(client, head, route, upstream, shared, ex).await;
     }
     let timeouts = route.upstream_timeouts.unwrap_or(upstream.timeouts);
@@ -216,6 +214,8 @@ async fn forward(
     upstream.live.budget.deposit(retry.budget_ratio);
 
     let peer_ip = std::sync::Arc::clone(&client.peer_ip);
+    // Cloned (two `Arc`s) only on a listener with mTLS and a subject header.
+    let subject = client.subject.clone();
     let fwd = Forwarded {
         client_ip: &peer_ip,
         proto: if client.stream.is_tls() {
@@ -223,6 +223,9 @@ async fn forward(
         } else {
             b"http"
         },
+        subject: subject
+            .as_ref()
+            .map(|s| (s.header.as_bytes(), s.subject.as_deref().map(str::as_bytes))),
     };
     // A request that cannot be tried again gets its whole response_header time: cutting it at
     // the per-try limit would only turn a slow answer into a 504.

@@ -13,9 +13,16 @@
 //! stop accepting (their connections finish), and the health-check and DNS tasks of the old
 //! snapshot are stopped and the new one's started. Idle upstream connections and each server's
 //! state are kept by server key, so servers that remain stay warm and keep their health.
+//!
+//! A binary upgrade (`handoff.rs`) starts the new process from the listening sockets of the old
+//! one: `start` adopts each inherited socket whose listener the new config still has, and a later
+//! reload treats it like any other. In the old process, `offer` lends out the sockets (reloads
+//! wait meanwhile) and `OfferedSockets::commit` stops its accept loops for good.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -41,7 +48,20 @@ pub struct Reloader {
     applying: tokio::sync::Mutex<Tasks>,
     listeners: Mutex<Vec<Running>>,
     status: Mutex<Status>,
+    /// Set once a new process took the listeners over: nothing may bind or reload any more.
+    handed_off: AtomicBool,
+    /// Set while a new process is taking the listeners over: reloads are refused meanwhile.
+    offering: AtomicBool,
 }
+
+/// A copy of a listening socket's descriptor, for a binary upgrade to hand over; emptied when
+/// the accept loop ends, so that a closed listener really closes (connections are refused, not
+/// queued on a socket that no one accepts from).
+pub(crate) type FdSlot = Arc<Mutex<Option<OwnedFd>>>;
+
+/// A listening socket inherited from the process this one took over from: the listener's name
+/// and configured address there, and the socket.
+pub type InheritedListener = (String, SocketAddr, std::net::TcpListener);
 
 /// The background tasks of the snapshot in force.
 struct Tasks {
@@ -61,6 +81,7 @@ struct Running {
     permits: Arc<Semaphore>,
     cap: usize,
     stop: CancellationToken,
+    fd: FdSlot,
 }
 
 /// What `GET /config` and the metrics report.
@@ -91,6 +112,10 @@ pub enum ReloadError {
     },
     #[error("this process was started without a config file, so it cannot reload")]
     NoFile,
+    #[error("this process handed its listeners to a new process and is draining: reload that one")]
+    HandedOff,
+    #[error("a new process is taking the listeners over; reload it once it has")]
+    HandoffInProgress,
 }
 
 /// What a successful reload did.
@@ -105,7 +130,9 @@ pub struct ReloadReport {
 
 impl Reloader {
     /// Starts serving `snapshot`: binds every listener (all or nothing) and starts the
-    /// upstreams' background tasks.
+    /// upstreams' background tasks. A listener found in `inherited` (same name and configured
+    /// address; failing that, the same configured address under another name) keeps that socket
+    /// instead of binding a new one; inherited sockets no listener wants are closed.
     pub(crate) async fn start(
         path: Option<PathBuf>,
         text: Arc<str>,
@@ -113,16 +140,33 @@ impl Reloader {
         connections: TaskTracker,
         background: TaskTracker,
         stop_background: CancellationToken,
+        mut inherited: Vec<InheritedListener>,
     ) -> Result<Arc<Reloader>, StartError> {
         let snapshot = shared.config.load_full();
         let mut bound = Vec::with_capacity(snapshot.listeners.len());
         for l in &snapshot.listeners {
-            let socket = listener::bind(l.listen).map_err(|error| StartError::Bind {
-                what: format!("listener {}", l.name),
-                addr: l.listen,
-                error,
-            })?;
+            let socket = match take_inherited(&mut inherited, &l.name, l.listen) {
+                Some((from, socket)) => {
+                    let socket = adopt(socket).map_err(|error| StartError::Bind {
+                        what: format!("listener {} (socket taken over from {from})", l.name),
+                        addr: l.listen,
+                        error,
+                    })?;
+                    tracing::info!(listener = %l.name, "took over the socket of listener {from}");
+                    socket
+                }
+                None => listener::bind(l.listen).map_err(|error| StartError::Bind {
+                    what: format!("listener {}", l.name),
+                    addr: l.listen,
+                    error,
+                })?,
+            };
             bound.push((l.name.clone(), l.listen, l.max_connections, socket));
+        }
+        for (name, listen, _) in inherited {
+            tracing::info!(
+                "listener {name} ({listen}) of the old process is not in this config: closed"
+            );
         }
         let resolver = Arc::new(resolve::Resolver::new(&snapshot.resolver));
         let generation = stop_background.child_token();
@@ -147,6 +191,8 @@ impl Reloader {
             }),
             stop_background,
             listeners: Mutex::new(Vec::new()),
+            handed_off: AtomicBool::new(false),
+            offering: AtomicBool::new(false),
         });
         for (name, listen, cap, socket) in bound {
             reloader.run_listener(name, listen, cap, socket);
@@ -188,7 +234,13 @@ impl Reloader {
 
     async fn apply(&self) -> Result<(ReloadReport, Arc<str>), ReloadError> {
         let path = self.path.as_deref().ok_or(ReloadError::NoFile)?;
+        if self.offering.load(Ordering::SeqCst) {
+            return Err(ReloadError::HandoffInProgress);
+        }
         let mut tasks = self.applying.lock().await;
+        if self.handed_off.load(Ordering::SeqCst) {
+            return Err(ReloadError::HandedOff);
+        }
         let text: Arc<str> = read(path)?.into();
         let snapshot = config::load_str(path, &text, &self.shared.metrics)?;
         let old = self.shared.config.load_full();
@@ -312,14 +364,20 @@ impl Reloader {
         tracing::info!(listener = %name, "listening on {local}");
         let permits = Arc::new(Semaphore::new(cap.max(1)));
         let stop = self.shared.drain.child_token();
-        tokio::spawn(listener::accept_loop(
+        let fd: FdSlot = Arc::new(Mutex::new(socket.as_fd().try_clone_to_owned().ok()));
+        let accept = listener::accept_loop(
             socket,
             name.as_str().into(),
             Arc::clone(&permits),
             stop.clone(),
             Arc::clone(&self.shared),
             self.connections.clone(),
-        ));
+        );
+        let slot = Arc::clone(&fd);
+        tokio::spawn(async move {
+            accept.await;
+            slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+        });
         let mut running = self
             .listeners
             .lock()
@@ -331,7 +389,41 @@ impl Reloader {
             permits,
             cap,
             stop,
+            fd,
         });
+    }
+
+    /// Lends the listening sockets to a new process: reloads wait until the returned value is
+    /// committed or dropped, so the set handed over is the set in force.
+    pub(crate) async fn offer(&self) -> Result<OfferedSockets<'_>, ReloadError> {
+        let guard = self.applying.lock().await;
+        if self.handed_off.load(Ordering::SeqCst) {
+            return Err(ReloadError::HandedOff);
+        }
+        self.offering.store(true, Ordering::SeqCst);
+        let running = self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut sockets = Vec::with_capacity(running.len());
+        for r in running.iter() {
+            let fd = r.fd.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(fd) = fd.as_ref().and_then(|fd| fd.try_clone().ok()) else {
+                // Stopping (removed by a reload a moment ago), or out of descriptors.
+                continue;
+            };
+            sockets.push(OfferedListener {
+                name: r.name.clone(),
+                listen: r.listen,
+                local: r.local,
+                fd,
+            });
+        }
+        Ok(OfferedSockets {
+            reloader: self,
+            sockets,
+            _reloads: guard,
+        })
     }
 
     fn spawn_tasks(
@@ -371,6 +463,82 @@ impl Reloader {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+}
+
+/// One listener's socket, lent out for a handoff.
+pub(crate) struct OfferedListener {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub local: SocketAddr,
+    pub fd: OwnedFd,
+}
+
+/// The listening sockets while a new process takes them over; reloads wait meanwhile.
+pub(crate) struct OfferedSockets<'r> {
+    reloader: &'r Reloader,
+    pub sockets: Vec<OfferedListener>,
+    _reloads: tokio::sync::MutexGuard<'r, Tasks>,
+}
+
+impl OfferedSockets<'_> {
+    /// The new process serves now: stop accepting here, for good. The sockets stay open in the
+    /// new process, so connections waiting in their accept queues are accepted there.
+    pub fn commit(self) {
+        self.reloader.handed_off.store(true, Ordering::SeqCst);
+        let running = self
+            .reloader
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for r in running.iter() {
+            r.stop.cancel();
+        }
+    }
+}
+
+impl Drop for OfferedSockets<'_> {
+    fn drop(&mut self) {
+        self.reloader.offering.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The inherited socket for listener `name` on `listen`: same name and address first, else the
+/// same configured address under another name (a renamed listener keeps its socket rather than
+/// failing to bind an address the inherited socket holds). With the name it had.
+fn take_inherited(
+    inherited: &mut Vec<InheritedListener>,
+    name: &str,
+    listen: SocketAddr,
+) -> Option<(String, std::net::TcpListener)> {
+    let at = inherited
+        .iter()
+        .position(|(n, l, _)| n == name && *l == listen)
+        .or_else(|| inherited.iter().position(|(_, l, _)| *l == listen))?;
+    let (from, _, socket) = inherited.swap_remove(at);
+    Some((from, socket))
+}
+
+/// An inherited descriptor becomes a tokio listener, once it is known to be a listening socket.
+pub(crate) fn adopt(socket: std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = socket2::SockRef::from(&socket);
+    // An IP socket, not a Unix one that would fail at every accept.
+    if !matches!(
+        sock.domain()?,
+        socket2::Domain::IPV4 | socket2::Domain::IPV6
+    ) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the inherited descriptor is not a TCP socket",
+        ));
+    }
+    if !sock.is_listener()? {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the inherited descriptor is not a listening socket",
+        ));
+    }
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(socket)
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {

@@ -35,6 +35,8 @@ mod http2;
 mod http2_attacks;
 #[path = "suite/http2_upstream.rs"]
 mod http2_upstream;
+#[path = "suite/operations.rs"]
+mod operations;
 #[path = "suite/pooling.rs"]
 mod pooling;
 #[path = "suite/reload.rs"]
@@ -49,5 +51,11 @@ mod shutdown;
 mod smuggling;
 #[path = "suite/streaming.rs"]
 mod streaming;
+#[path = "suite/tls.rs"]
+mod tls;
+#[path = "suite/upgrade.rs"]
+mod upgrade;
+#[path = "suite/upstream_tls.rs"]
+mod upstream_tls;
 #[path = "suite/websocket.rs"]
 mod websocket;

@@ -13,7 +13,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,9 +23,9 @@ use arc_swap::ArcSwap;
 
 use super::error::{line_col, Problem};
 use super::file::{
-    AccessValue, DurationValue, FileConfig, GlobalTimeouts, Http2Section, LimitsSection,
-    ListenerSection, LogSection, ResolverSection, RespondSection, RouteSection,
-    RouteTimeoutsSection, SizeValue, TlsCertSection, TlsValue,
+    AccessValue, ClientAuthSection, DurationValue, FileConfig, GlobalTimeouts, Http2Section,
+    LimitsSection, ListenerSection, LogSection, ReloadSection, ResolverSection, RespondSection,
+    RouteSection, RouteTimeoutsSection, SizeValue, TlsCertSection, TlsValue,
 };
 use super::snapshot::{
     AccessTarget, AdminSettings, ConnLimits, ConnTimeouts, FixedResponse, HostMatch, Http2Settings,
@@ -62,6 +62,7 @@ mod defaults {
     pub const KEEPALIVE: i64 = 128;
     pub const MAX_PENDING: u32 = 0;
     pub const RESOLVER_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
     pub const RESOLVER_MIN_TTL: Duration = Duration::from_secs(1);
     pub const RESOLVER_MAX_TTL: Duration = Duration::from_secs(300);
     pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -96,6 +97,7 @@ const MAX_WEIGHT: i64 = 1000;
 /// earlier definition in "duplicate" messages.
 pub(crate) fn compile(
     text: &str,
+    base_dir: &Path,
     file: FileConfig,
     metrics: &Metrics,
 ) -> Result<Snapshot, Vec<Problem>> {
@@ -106,6 +108,7 @@ pub(crate) fn compile(
         timeouts,
         limits,
         resolver,
+        reload,
         http2,
         listener,
         upstream,
@@ -113,6 +116,7 @@ pub(crate) fn compile(
     } = file;
     let mut c = Checker {
         text,
+        base_dir,
         problems: Vec::new(),
     };
 
@@ -125,6 +129,7 @@ pub(crate) fn compile(
     let globals = c.global_timeouts(timeouts);
     let limits = c.limits(limits);
     let resolver = c.resolver(resolver);
+    let watch = c.watch(reload);
     let http2 = c.http2(http2);
     let listeners = c.listeners(listener, &limits, admin.as_ref());
     let upstreams = c.upstreams(upstream, &globals);
@@ -173,6 +178,7 @@ pub(crate) fn compile(
         limits: limits.conn,
         timeouts: globals.conn,
         resolver,
+        watch,
         http2,
     })
 }
@@ -193,10 +199,22 @@ struct Limits {
 
 struct Checker<'a> {
     text: &'a str,
+    /// Where relative file names start (see `config::base_dir`).
+    base_dir: &'a Path,
     problems: Vec<Problem>,
 }
 
 impl Checker<'_> {
+    /// A file name from the config, relative ones taken from the config file's directory.
+    fn file_path(&self, name: &str) -> String {
+        let path = Path::new(name);
+        if path.is_absolute() {
+            name.to_owned()
+        } else {
+            self.base_dir.join(path).display().to_string()
+        }
+    }
+
     fn report(&mut self, span: Range<usize>, message: impl Into<String>) {
         self.problems.push(Problem {
             span,
@@ -342,7 +360,12 @@ impl Checker<'_> {
 
     /// Reads and checks every certificate and key now, so that `check` names a missing, bad or
     /// mismatched file, and builds the listener's TLS config from them.
-    fn tls(&mut self, tls: Spanned<TlsValue>, http2: bool) -> Option<TlsSettings> {
+    fn tls(
+        &mut self,
+        tls: Spanned<TlsValue>,
+        client_auth: Option<Spanned<ClientAuthSection>>,
+        http2: bool,
+    ) -> Option<TlsSettings> {
         let span = tls.span();
         let entries: Vec<(TlsCertSection, Range<usize>)> = match tls.into_inner() {
             TlsValue::One(one) => vec![(one, span.clone())],
@@ -364,8 +387,8 @@ impl Checker<'_> {
         let mut loaded = Vec::with_capacity(entries.len());
         for (TlsCertSection { cert, key }, _) in entries {
             let files = crate::tls::CertFiles {
-                cert: cert.get_ref().clone(),
-                key: key.get_ref().clone(),
+                cert: self.file_path(cert.get_ref()),
+                key: self.file_path(key.get_ref()),
             };
             match crate::tls::load(&files) {
                 Ok(l) => loaded.push(l),
@@ -381,16 +404,56 @@ impl Checker<'_> {
                 }
             }
         }
+        let (clients, subject_header) = match client_auth {
+            None => (None, None),
+            Some(auth) => {
+                let ClientAuthSection {
+                    ca,
+                    required,
+                    subject_header,
+                } = auth.into_inner();
+                let header = subject_header.and_then(|h| {
+                    self.check(h.span(), values::header_name(h.get_ref()))
+                        .map(|()| Arc::<str>::from(h.into_inner().to_ascii_lowercase()))
+                });
+                match crate::tls::client_roots(&self.file_path(ca.get_ref())) {
+                    Ok(roots) => (
+                        Some(crate::tls::ClientAuth {
+                            roots,
+                            required: required.unwrap_or(true),
+                        }),
+                        header,
+                    ),
+                    Err(e) => {
+                        self.report(ca.span(), e.to_string());
+                        (None, None)
+                    }
+                }
+            }
+        };
         if !self.problems.is_empty() {
             return None;
         }
-        match crate::tls::server_config(loaded, http2) {
-            Ok(config) => Some(TlsSettings(config)),
+        match crate::tls::server_config(loaded, clients, http2) {
+            Ok(config) => Some(TlsSettings {
+                config,
+                subject_header,
+            }),
             Err(e) => {
                 self.report(span, e.to_string());
                 None
             }
         }
+    }
+
+    fn watch(&mut self, r: ReloadSection) -> Option<Duration> {
+        let ReloadSection { watch, interval } = r;
+        let span = interval.as_ref().map(|i| i.span());
+        let every = self.duration(interval, defaults::WATCH_INTERVAL);
+        if let (Some(false) | None, Some(span)) = (watch, span) {
+            self.report(span, "reload.interval has no effect without watch = true");
+        }
+        watch.unwrap_or(false).then_some(every)
     }
 
     fn resolver(&mut self, r: ResolverSection) -> ResolverSettings {
@@ -584,12 +647,23 @@ impl Checker<'_> {
                 listen,
                 max_connections,
                 tls,
+                client_auth,
                 http2,
             } = l.into_inner();
             // HTTP/2 is offered by default where ALPN can negotiate it; cleartext HTTP/2 only
             // on request, since a plain port usually faces clients that speak HTTP/1.1 only.
             let http2 = http2.unwrap_or(tls.is_some());
-            let tls = tls.and_then(|t| self.tls(t, http2));
+            let tls = match (tls, client_auth) {
+                (Some(t), auth) => self.tls(t, auth, http2),
+                (None, Some(auth)) => {
+                    self.report(
+                        auth.span(),
+                        "client_auth needs tls on the listener: client certificates come in the TLS handshake",
+                    );
+                    None
+                }
+                (None, None) => None,
+            };
             self.check(name.span(), values::name("listener", name.get_ref()));
             if let Some(first) = names.get(name.get_ref()) {
                 let message = format!(

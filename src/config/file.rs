@@ -28,6 +28,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub resolver: ResolverSection,
     #[serde(default)]
+    pub reload: ReloadSection,
+    #[serde(default)]
     pub http2: Http2Section,
     #[serde(default)]
     pub listener: Vec<Spanned<ListenerSection>>,
@@ -97,6 +99,16 @@ pub struct ResolverSection {
     pub max_ttl: Option<Spanned<DurationValue>>,
 }
 
+/// Reloading without a signal.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadSection {
+    /// Reload when the file's contents change.
+    pub watch: Option<bool>,
+    /// How often the file is looked at.
+    pub interval: Option<Spanned<DurationValue>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerSection {
@@ -105,9 +117,22 @@ pub struct ListenerSection {
     pub max_connections: Option<Spanned<i64>>,
     /// `{ cert = "...", key = "..." }`, or a list of them (SNI picks; the first is the default).
     pub tls: Option<Spanned<TlsValue>>,
+    /// Client certificates (mTLS) on a TLS listener.
+    pub client_auth: Option<Spanned<ClientAuthSection>>,
     /// Plain listener: also take cleartext HTTP/2 with prior knowledge (h2c). TLS listener:
     /// offer `h2` in ALPN (the default there).
     pub http2: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthSection {
+    /// PEM: the CAs whose client certificates are accepted.
+    pub ca: Spanned<String>,
+    /// `true` (the default): no certificate, no connection. `false`: asked for, not required.
+    pub required: Option<bool>,
+    /// The request header that carries the verified certificate's subject upstream.
+    pub subject_header: Option<Spanned<String>>,
 }
 
 /// `[http2]`: HTTP/2 connection settings and the limits that fend off its known attacks.
@@ -163,6 +188,24 @@ pub struct UpstreamSection {
     pub health_check: Option<Spanned<HealthCheckSection>>,
     pub outlier: Option<OutlierSection>,
     pub retry: Option<RetrySection>,
+    /// `true`, or a table of settings: connect to the servers over TLS.
+    pub tls: Option<Spanned<UpstreamTlsValue>>,
+}
+
+#[derive(Debug)]
+pub enum UpstreamTlsValue {
+    Enabled(bool),
+    Table(UpstreamTlsSection),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSection {
+    pub verify: Option<bool>,
+    pub ca: Option<Spanned<String>>,
+    pub server_name: Option<Spanned<String>>,
+    pub client_cert: Option<Spanned<String>>,
+    pub client_key: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -396,6 +439,27 @@ impl<'de> Deserialize<'de> for TlsValue {
                     de::value::SeqAccessDeserializer::new(seq),
                 )?;
                 Ok(TlsValue::Many(many))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamTlsValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = UpstreamTlsValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"true, false, or a table such as { ca = "ca.pem" }"#)
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<UpstreamTlsValue, E> {
+                Ok(UpstreamTlsValue::Enabled(v))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<UpstreamTlsValue, A::Error> {
+                let table =
+                    UpstreamTlsSection::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(UpstreamTlsValue::Table(table))
             }
         }
         d.deserialize_any(V)

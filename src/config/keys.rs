@@ -15,10 +15,10 @@ use toml::de::{DeTable, DeValue};
 
 use super::error::Problem;
 use super::file::{
-    AdminSection, FileConfig, GlobalTimeouts, HealthCheckSection, Http2Section, LimitsSection,
-    ListenerSection, LogSection, OutlierSection, ResolverSection, RespondSection, RetrySection,
-    RouteSection, RouteTimeoutsSection, ServerTable, TlsCertSection, UpstreamSection,
-    UpstreamTimeoutsSection,
+    AdminSection, ClientAuthSection, FileConfig, GlobalTimeouts, HealthCheckSection, Http2Section,
+    LimitsSection, ListenerSection, LogSection, OutlierSection, ReloadSection, ResolverSection,
+    RespondSection, RetrySection, RouteSection, RouteTimeoutsSection, ServerTable, TlsCertSection,
+    UpstreamSection, UpstreamTimeoutsSection, UpstreamTlsSection,
 };
 
 /// The shape of one value in the file, as far as key checking needs it.
@@ -49,12 +49,16 @@ pub(crate) static ROOT: Node = Node::Struct {
         ("timeouts", leaf(fields_of::<GlobalTimeouts>)),
         ("limits", leaf(fields_of::<LimitsSection>)),
         ("resolver", leaf(fields_of::<ResolverSection>)),
+        ("reload", leaf(fields_of::<ReloadSection>)),
         ("http2", leaf(fields_of::<Http2Section>)),
         (
             "listener",
             Node::Array(&Node::Struct {
                 fields: fields_of::<ListenerSection>,
-                children: &[("tls", Node::OneOrMany(&leaf(fields_of::<TlsCertSection>)))],
+                children: &[
+                    ("tls", Node::OneOrMany(&leaf(fields_of::<TlsCertSection>))),
+                    ("client_auth", leaf(fields_of::<ClientAuthSection>)),
+                ],
             }),
         ),
         (
@@ -67,6 +71,7 @@ pub(crate) static ROOT: Node = Node::Struct {
                     ("health_check", leaf(fields_of::<HealthCheckSection>)),
                     ("outlier", leaf(fields_of::<OutlierSection>)),
                     ("retry", leaf(fields_of::<RetrySection>)),
+                    ("tls", leaf(fields_of::<UpstreamTlsSection>)),
                 ],
             }),
         ),

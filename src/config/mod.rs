@@ -29,7 +29,14 @@ pub fn load(path: &Path, metrics: &Metrics) -> Result<snapshot::Snapshot, Config
     load_str(path, &text, metrics)
 }
 
-/// Same, from a string already read (`path` is only used in messages).
+/// The directory that relative file names in the config (certificates, keys) start from: the
+/// config file's own, as with nginx's `conf` prefix, so a config and its files move together.
+fn base_dir(config: &Path) -> &Path {
+    config.parent().unwrap_or(Path::new(""))
+}
+
+/// Same, from a string already read (`path` names the file in messages and is where relative
+/// file names in it start from).
 pub fn load_str(
     path: &Path,
     text: &str,
@@ -58,7 +65,7 @@ pub fn load_str(
                     scratch = Metrics::default();
                     &scratch
                 };
-                compile::compile(text, parsed, metrics)
+                compile::compile(text, base_dir(path), parsed, metrics)
             });
     match compiled {
         Ok(snapshot) if problems.is_empty() => Ok(snapshot),

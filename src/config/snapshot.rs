@@ -32,6 +32,9 @@ pub struct Snapshot {
     pub limits: ConnLimits,
     pub timeouts: ConnTimeouts,
     pub resolver: ResolverSettings,
+    /// `[reload] watch`: how often to look at the file for changes; `None`: only on a signal or
+    /// `POST /reload`.
+    pub watch: Option<Duration>,
     pub http2: Http2Settings,
 }
 
@@ -112,13 +115,17 @@ pub struct ListenerSettings {
     pub http2: bool,
 }
 
-/// A listener's rustls config; two are equal only when they are the same one.
+/// A listener's TLS: the rustls config, and with client certificates, the request header that
+/// carries the verified subject upstream. Two are equal only when they are the same one.
 #[derive(Debug, Clone)]
-pub struct TlsSettings(pub Arc<rustls::ServerConfig>);
+pub struct TlsSettings {
+    pub config: Arc<rustls::ServerConfig>,
+    pub subject_header: Option<Arc<str>>,
+}
 
 impl PartialEq for TlsSettings {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.config, &other.config) && self.subject_header == other.subject_header
     }
 }
 
@@ -165,6 +172,8 @@ pub struct Upstream {
     pub timeouts: UpstreamTimeouts,
     /// Idle connections kept per server (nginx's `keepalive`).
     pub max_idle_per_server: usize,
+    /// Connect to the servers over TLS, with this client.
+    pub tls: Option<Arc<crate::upstream::tls::UpstreamTls>>,
     /// What the upstream's servers speak.
     pub protocol: UpstreamProtocol,
     /// Shared with the metrics registry, so counts survive a reload of the same upstream name.
@@ -188,6 +197,15 @@ pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 over cleartext TCP, with prior knowledge (RFC 9113 §3.3).
     H2c,
+    /// HTTP/2 over TLS, negotiated by ALPN.
+    H2,
+}
+
+impl UpstreamProtocol {
+    /// Requests go out as HTTP/2 streams on shared connections (`http2::client`).
+    pub fn is_http2(self) -> bool {
+        matches!(self, UpstreamProtocol::H2c | UpstreamProtocol::H2)
+    }
 }
 
 /// One entry of `servers`, before name resolution.

@@ -572,10 +572,10 @@ fn every_unknown_key_is_reported_with_the_other_problems() {
     assert_eq!(
         errors(&text),
         [
-            "4:1: unknown field `colour`, expected one of `name`, `listen`, `max_connections`, `tls`, `http2`",
+            "4:1: unknown field `colour`, expected one of `name`, `listen`, `max_connections`, `tls`, `client_auth`, `http2`",
             "7:1: unknown field `flavour`, expected one of `servers`, `protocol`, `keepalive`, `timeouts`, \
              `balance`, `hash_key`, `sticky_cookie`, `slow_start`, `panic_threshold`, \
-             `max_conns`, `max_pending`, `queue_timeout`, `health_check`, `outlier`, `retry`",
+             `max_conns`, `max_pending`, `queue_timeout`, `health_check`, `outlier`, `retry`, `tls`",
             "10:12: unknown upstream \"nope\" (defined: app)",
         ]
     );
@@ -735,7 +735,10 @@ fn key_scan_describes_every_table() {
             ".http2",
             ".limits",
             ".listener[]",
+            ".listener[].client_auth",
+            ".listener[].tls[]",
             ".log",
+            ".reload",
             ".resolver",
             ".route[]",
             ".route[].respond",
@@ -747,6 +750,7 @@ fn key_scan_describes_every_table() {
             ".upstream[].retry",
             ".upstream[].servers[]",
             ".upstream[].timeouts",
+            ".upstream[].tls",
         ]
     );
 }
@@ -994,6 +998,27 @@ fn resilience_key_errors_point_at_the_value() {
 }
 
 #[test]
+fn reload_watch_is_off_by_default_and_its_interval_needs_it() {
+    assert_eq!(ok(LISTENER).watch, None);
+    let on = ok(&format!("{LISTENER}[reload]\nwatch = true\n"));
+    assert_eq!(on.watch, Some(std::time::Duration::from_secs(1)));
+    let every = ok(&format!(
+        "{LISTENER}[reload]\nwatch = true\ninterval = \"250ms\"\n"
+    ));
+    assert_eq!(every.watch, Some(std::time::Duration::from_millis(250)));
+    assert_one_error(
+        &format!("{LISTENER}[reload]\ninterval = \"5s\"\n"),
+        "5:12",
+        "no effect without watch = true",
+    );
+    assert_one_error(
+        &format!("{LISTENER}[reload]\nwatch = true\ninterval = \"0s\"\n"),
+        "6:12",
+        "",
+    );
+}
+
+#[test]
 fn http2_defaults_are_on_without_a_table() {
     let s = ok(LISTENER);
     let h = s.http2;
@@ -1044,6 +1069,23 @@ fn upstream_protocol_is_checked() {
         ok(&up("http1")).upstreams[0].protocol,
         UpstreamProtocol::Http1
     );
-    assert_one_error(&up("h2"), "6:12", "TLS to upstreams is not available yet");
+    let h2 = format!("{}tls = {{ verify = false }}\n", up("h2"));
+    assert_eq!(ok(&h2).upstreams[0].protocol, UpstreamProtocol::H2);
+    assert!(ok(&h2).upstreams[0].tls.is_some());
+    assert_one_error(
+        &format!("{}tls = false\n", up("h2")),
+        "7:7",
+        "for cleartext HTTP/2 use protocol = \"h2c\"",
+    );
+    assert_one_error(
+        &format!("{}tls = {{ verify = false }}\n", up("h2c")),
+        "7:7",
+        "for HTTP/2 over TLS use protocol = \"h2\"",
+    );
+    assert_one_error(
+        &format!("{}health_check = {{ path = \"/\" }}\n", up("h2c")),
+        "7:16",
+        "type = \"tcp\"",
+    );
     assert_one_error(&up("spdy"), "6:12", "unknown protocol \"spdy\"");
 }

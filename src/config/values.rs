@@ -229,6 +229,43 @@ pub fn cookie_name(value: &str) -> Result<(), String> {
     }
 }
 
+/// A header field name (an RFC 9110 token) that Gatehouse may set on requests itself: not one
+/// that frames the message, routes it, or that Gatehouse already writes.
+pub fn header_name(value: &str) -> Result<(), String> {
+    if !is_token(value) {
+        return Err(format!(
+            "bad header name {value:?}: use letters, digits and !#$%&'*+-.^_`|~ only"
+        ));
+    }
+    const RESERVED: [&str; 12] = [
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "via",
+    ];
+    if RESERVED.iter().any(|r| r.eq_ignore_ascii_case(value)) {
+        return Err(format!(
+            "{value:?} cannot be used here: Gatehouse or HTTP itself gives that header its meaning"
+        ));
+    }
+    Ok(())
+}
+
+fn is_token(value: &str) -> bool {
+    !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// `"client_ip"`, `"path"`, `"header:NAME"` or `"cookie:NAME"`.
 pub fn hash_key(value: &str) -> Result<HashKey, String> {
     let bad = || {
@@ -241,11 +278,7 @@ pub fn hash_key(value: &str) -> Result<HashKey, String> {
         None if value == "path" => Ok(HashKey::Path),
         None => Err(bad()),
         Some(("header", name)) => {
-            let token = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-            if token {
+            if is_token(name) {
                 Ok(HashKey::Header(name.to_ascii_lowercase().into()))
             } else {
                 Err(format!("bad header name {name:?} in hash_key"))

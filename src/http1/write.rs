@@ -55,6 +55,9 @@ pub struct Forwarded<'a> {
     pub client_ip: &'a [u8],
     /// "http" or "https", for X-Forwarded-Proto.
     pub proto: &'a [u8],
+    /// The client certificate's subject header (lower-case) and value: any field of that name
+    /// from the client is dropped, and the verified value, when there is one, sent instead.
+    pub subject: Option<(&'a [u8], Option<&'a [u8]>)>,
 }
 
 /// The head sent upstream for `head`, whose body will be sent with `framing`.
@@ -77,6 +80,10 @@ pub fn request_head(out: &mut Vec<u8>, head: &RequestHead, fwd: Forwarded<'_>, f
     let mut had_content_length = false;
     for f in &head.fields {
         match f.kind {
+            FieldKind::Pass
+                if fwd
+                    .subject
+                    .is_some_and(|(name, _)| f.name.get(raw).eq_ignore_ascii_case(name)) => {}
             FieldKind::Pass | FieldKind::Via => copy(out, raw, f),
             FieldKind::XForwardedFor => had_xff = true,
             FieldKind::ContentLength => had_content_length = true,
@@ -106,6 +113,9 @@ pub fn request_head(out: &mut Vec<u8>, head: &RequestHead, fwd: Forwarded<'_>, f
     field(out, b"X-Forwarded-Proto", fwd.proto);
     if !host.is_empty() {
         field(out, b"X-Forwarded-Host", host);
+    }
+    if let Some((name, Some(value))) = fwd.subject {
+        field(out, name, value);
     }
     field(out, b"Via", VIA);
     match framing {
@@ -318,6 +328,7 @@ mod tests {
         let fwd = Forwarded {
             client_ip: b"127.0.0.1",
             proto: b"http",
+            subject: None,
         };
         request_head(&mut out, &h, fwd, Framing::Chunked);
         let text = String::from_utf8(out).unwrap();
@@ -325,6 +336,32 @@ mod tests {
             text,
             "POST /x?y HTTP/1.1\r\nHost: app.example.com\r\nAccept: */*\r\nX-Forwarded-For: 1.2.3.4, 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: app.example.com\r\nVia: 1.1 gatehouse\r\nTransfer-Encoding: chunked\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn a_forged_subject_header_is_dropped_and_the_verified_one_sent() {
+        let h = req("GET / HTTP/1.1\r\nHost: a\r\nX-Client-Subject: CN=forged\r\nx-client-subject: CN=again\r\n\r\n");
+        let mut out = Vec::new();
+        for (value, want) in [
+            (
+                Some(&b"CN=alice"[..]),
+                "X-Forwarded-Host: a\r\nx-client-subject: CN=alice\r\nVia",
+            ),
+            (None, "X-Forwarded-Host: a\r\nVia"),
+        ] {
+            let fwd = Forwarded {
+                client_ip: b"127.0.0.1",
+                proto: b"https",
+                subject: Some((b"x-client-subject", value)),
+            };
+            request_head(&mut out, &h, fwd, Framing::Empty);
+            let text = String::from_utf8(out.clone()).unwrap();
+            assert!(
+                !text.contains("forged") && !text.contains("again"),
+                "{text}"
+            );
+            assert!(text.contains(want), "{text}");
+        }
     }
 
     #[test]

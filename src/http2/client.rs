@@ -146,6 +146,7 @@ impl H2Pool {
     pub async fn lease(
         &self,
         server: &Server,
+        dial: upstream::Dial<'_>,
         connect_timeout: Duration,
         idle: Duration,
         opened: impl FnOnce(),
@@ -158,8 +159,8 @@ impl H2Pool {
         if let Some(lease) = list.try_lease() {
             return Ok(lease);
         }
-        let tcp = upstream::connect(server.address, connect_timeout).await?;
-        let conn = handshake(tcp, connect_timeout, idle).await?;
+        let stream = upstream::connect(server.address, connect_timeout, dial).await?;
+        let conn = handshake(stream, connect_timeout, idle).await?;
         opened();
         let lease = lease(&conn, false);
         list.conns

@@ -32,6 +32,8 @@ pub struct ConnShared {
     pub peer: SocketAddr,
     pub peer_ip: Arc<[u8]>,
     pub tls: bool,
+    /// With mTLS and a subject header on the listener: what the upstream is told.
+    pub subject: Option<crate::conn::ClientSubject>,
     /// Streams whose task is still running.
     active: AtomicUsize,
     /// When the last stream task ended, for the idle timeout (`state::now_ms` clock).
@@ -87,6 +89,7 @@ pub async fn serve<T>(
     peer: SocketAddr,
     peer_ip: Arc<[u8]>,
     tls: bool,
+    subject: Option<crate::conn::ClientSubject>,
     shared: Arc<Shared>,
     stop: CancellationToken,
     connected: Instant,
@@ -136,6 +139,7 @@ pub async fn serve<T>(
         peer,
         peer_ip,
         tls,
+        subject,
         active: AtomicUsize::new(0),
         last_active_ms: AtomicU64::new(now_ms()),
         last_progress_ms: AtomicU64::new(0),

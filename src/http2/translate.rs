@@ -293,6 +293,9 @@ pub fn last_chunk_with_trailers(trailers: &HeaderMap) -> Vec<u8> {
 pub struct Forwarded<'a> {
     pub client_ip: &'a [u8],
     pub https: bool,
+    /// The client certificate's subject header (lower-case) and value: any field of that name
+    /// from the client is dropped, and the verified value, when there is one, sent instead.
+    pub subject: Option<&'a crate::conn::ClientSubject>,
 }
 
 /// The request sent to an HTTP/2 upstream for a client's request, with `head` the HTTP/1.1
@@ -333,6 +336,9 @@ pub fn upstream_request(
         if name.as_str().starts_with("proxy-") || name == header::EXPECT {
             continue;
         }
+        if fwd.subject.is_some_and(|s| name.as_str() == &*s.header) {
+            continue;
+        }
         out.append(name.clone(), value.clone());
     }
     strip_connection_specific(out);
@@ -347,6 +353,17 @@ pub fn upstream_request(
     );
     if let Ok(v) = HeaderValue::from_bytes(host) {
         out.insert(HeaderName::from_static("x-forwarded-host"), v);
+    }
+    if let Some(subject) = fwd.subject {
+        let pair = HeaderName::from_bytes(subject.header.as_bytes()).ok().zip(
+            subject
+                .subject
+                .as_deref()
+                .and_then(|v| HeaderValue::from_str(v).ok()),
+        );
+        if let Some((name, value)) = pair {
+            out.insert(name, value);
+        }
     }
     out.append(header::VIA, HeaderValue::from_static(VIA_H2));
     Ok(request)

@@ -116,7 +116,7 @@ pub(super) async fn acquire<'t>(
         let Some(in_flight) = server.try_begin(&upstream.live) else {
             continue;
         };
-        if let Some(stream) = shared.pool.checkout(server) {
+        if let Some(stream) = shared.pool.checkout(server, upstream.tls.is_some()) {
             upstream.metrics.connections_reused.fetch_add(1, Relaxed);
             let conn = UpstreamConn {
                 stream,
@@ -175,6 +175,7 @@ pub(super) fn may_retry(
         UpstreamErrorKind::ConnectRefused
             | UpstreamErrorKind::ConnectTimeout
             | UpstreamErrorKind::Connect
+            | UpstreamErrorKind::Tls
     );
     let retryable = died_before_answering || timed_out || not_connected;
     if !(repeatable && retryable) || tries >= retry.attempts {
@@ -264,7 +265,11 @@ pub(super) async fn open(
     server: &Server,
     connect_timeout: Duration,
 ) -> Result<UpstreamConn, UpstreamErrorKind> {
-    match upstream::connect(server.address, connect_timeout).await {
+    let dial = upstream::Dial {
+        tls: upstream.tls.as_deref(),
+        host_name: server.host_name.as_deref(),
+    };
+    match upstream::connect(server.address, connect_timeout, dial).await {
         Ok(stream) => {
             upstream.metrics.connections_opened.fetch_add(1, Relaxed);
             Ok(UpstreamConn {

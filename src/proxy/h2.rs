@@ -104,7 +104,7 @@ pub async fn serve_stream(
                     UpstreamProtocol::Http1 => {
                         forward_h1(&s, &mut respond, &mut body, &mut ex).await
                     }
-                    UpstreamProtocol::H2c => {
+                    UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
                         h2_upstream::forward_h2(&s, &mut respond, &mut body, &mut ex).await
                     }
                 }
@@ -390,6 +390,11 @@ async fn forward_h1(
     let fwd = Forwarded {
         client_ip: &s.conn.peer_ip,
         proto: if s.conn.tls { b"https" } else { b"http" },
+        subject: s
+            .conn
+            .subject
+            .as_ref()
+            .map(|c| (c.header.as_bytes(), c.subject.as_deref().map(str::as_bytes))),
     };
     let header_timeout = match retry.per_try_timeout {
         Some(per_try) if repeatable => per_try,
@@ -621,17 +626,17 @@ async fn forward_h1(
 /// A WebSocket over HTTP/2 (RFC 8441) to an HTTP/1.1 upstream that switched protocols: the
 /// stream's DATA both ways is the upstream connection's bytes, until either side ends or
 /// nothing moved either way for `idle`. Returns the bytes sent to the client.
-async fn tunnel_h2(
+async fn tunnel_h2<U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     body: &mut RecvStream,
     send: &mut SendStream<Bytes>,
-    up: &mut tokio::net::TcpStream,
+    up: &mut U,
     early: Bytes,
     idle: Duration,
     s: &Stream<'_>,
 ) -> u64 {
     use std::sync::atomic::AtomicU64;
     let last = AtomicU64::new(now_ms());
-    let (mut up_read, mut up_write) = up.split();
+    let (mut up_read, mut up_write) = tokio::io::split(up);
     let to_upstream = async {
         while let Some(Ok(data)) = body.data().await {
             let n = data.len();

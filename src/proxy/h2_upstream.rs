@@ -77,10 +77,14 @@ async fn acquire_h2<'a>(
         let opened = || {
             upstream.metrics.connections_opened.fetch_add(1, Relaxed);
         };
+        let dial = crate::upstream::Dial {
+            tls: upstream.tls.as_deref(),
+            host_name: server.host_name.as_deref(),
+        };
         match t
             .shared
             .h2_pool
-            .lease(server, t.timeouts.connect, t.timeouts.idle, opened)
+            .lease(server, dial, t.timeouts.connect, t.timeouts.idle, opened)
             .await
         {
             Ok(lease) => {
@@ -265,6 +269,7 @@ pub(super) async fn forward_h2(
         &translate::Forwarded {
             client_ip: &s.conn.peer_ip,
             https: s.conn.tls,
+            subject: s.conn.subject.as_ref(),
         },
     )
     .map_err(ProxyError::Head)?;
@@ -495,12 +500,14 @@ pub(super) async fn forward_from_h1(
         timeouts: route.upstream_timeouts.unwrap_or(upstream.timeouts),
     };
     let peer_ip = std::sync::Arc::clone(&client.peer_ip);
+    let subject = client.subject.clone();
     let request = translate::upstream_request(
         head,
         &h1_fields(head),
         &translate::Forwarded {
             client_ip: &peer_ip,
             https: client.stream.is_tls(),
+            subject: subject.as_ref(),
         },
     )
     .map_err(ProxyError::Head)?;

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::upstream::state::now_ms;
 
@@ -25,9 +24,9 @@ pub struct Moved {
 /// nothing moved for `idle`. `early_up` and `early_down` are bytes already read past the
 /// heads (the client may send its first frames right behind the request; the upstream right
 /// behind the 101): they go first.
-pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
+pub async fn run<C: AsyncRead + AsyncWrite + Unpin, U: AsyncRead + AsyncWrite + Unpin>(
     client: &mut C,
-    upstream: &mut TcpStream,
+    upstream: &mut U,
     early_up: &[u8],
     early_down: &[u8],
     idle: Duration,
@@ -43,7 +42,7 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
     moved.to_upstream = early_up.len() as u64;
     moved.to_client = early_down.len() as u64;
     let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut up_read, mut up_write) = upstream.split();
+    let (mut up_read, mut up_write) = tokio::io::split(upstream);
     let both = async {
         tokio::join!(
             copy(&mut client_read, &mut up_write, &last),

@@ -23,16 +23,17 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::state::CheckTransition;
 use super::targets::Server;
+use super::Dial;
 use crate::config::snapshot::{HealthCheckKind, HealthCheckSettings, StatusSet, Upstream};
 use crate::http1::response;
 use crate::metrics::UpstreamErrorKind;
+use crate::stream::UpstreamStream;
 
 /// The most a check reads while looking for its response head, 1xx heads included. A health
 /// endpoint has no reason to send big heads, and the probe should cost the proxy next to nothing
@@ -54,6 +55,9 @@ pub enum ProbeFailure {
     /// Any other connect error (unreachable network, no route, ...).
     #[error("connect failed")]
     Connect,
+    /// The upstream has TLS and the handshake failed (its certificate did not verify, say).
+    #[error("TLS handshake failed")]
+    Tls,
     /// Connected, but no complete response head within the check's timeout.
     #[error("timed out waiting for the response")]
     Timeout,
@@ -74,6 +78,7 @@ impl ProbeFailure {
             ProbeFailure::ConnectRefused => "connect_refused",
             ProbeFailure::ConnectTimeout => "connect_timeout",
             ProbeFailure::Connect => "connect",
+            ProbeFailure::Tls => "tls",
             ProbeFailure::Timeout => "timeout",
             ProbeFailure::Closed => "closed",
             ProbeFailure::BadResponse(_) => "bad_response",
@@ -116,7 +121,16 @@ pub async fn run(upstream: Arc<Upstream>, stop: CancellationToken) {
             }
             let address = server.address;
             let check = Arc::clone(&check);
-            probes.spawn(async move { (i, probe(address, &check).await) });
+            // Probes go the way requests go: over TLS when the upstream has it.
+            let tls = upstream.tls.clone();
+            let host_name = server.host_name.clone();
+            probes.spawn(async move {
+                let dial = Dial {
+                    tls: tls.as_deref(),
+                    host_name: host_name.as_deref(),
+                };
+                (i, probe(address, &check, dial).await)
+            });
         }
         // Dropping the set on `stop` aborts the probes still running.
         loop {
@@ -175,13 +189,18 @@ fn record(
 }
 
 /// One check of the server at `addr`, bounded as a whole by `check.timeout`.
-pub async fn probe(addr: SocketAddr, check: &HealthCheckSettings) -> Result<(), ProbeFailure> {
+pub async fn probe(
+    addr: SocketAddr,
+    check: &HealthCheckSettings,
+    dial: Dial<'_>,
+) -> Result<(), ProbeFailure> {
     let deadline = Instant::now() + check.timeout;
-    let stream = super::connect(addr, check.timeout)
+    let stream = super::connect(addr, check.timeout, dial)
         .await
         .map_err(|kind| match kind {
             UpstreamErrorKind::ConnectRefused => ProbeFailure::ConnectRefused,
             UpstreamErrorKind::ConnectTimeout => ProbeFailure::ConnectTimeout,
+            UpstreamErrorKind::Tls => ProbeFailure::Tls,
             _ => ProbeFailure::Connect,
         })?;
     match &check.kind {
@@ -205,7 +224,7 @@ pub async fn probe(addr: SocketAddr, check: &HealthCheckSettings) -> Result<(), 
 /// Sends the check request and judges the first final response head; the body is never read, and
 /// the connection is dropped as soon as the head is in (the request said `Connection: close`).
 async fn exchange(
-    mut stream: TcpStream,
+    mut stream: UpstreamStream,
     request: String,
     expect: &StatusSet,
 ) -> Result<(), ProbeFailure> {
@@ -237,7 +256,7 @@ async fn exchange(
 }
 
 async fn read_some(
-    stream: &mut TcpStream,
+    stream: &mut UpstreamStream,
     buf: &mut BytesMut,
     room: usize,
 ) -> Result<usize, ProbeFailure> {
@@ -285,7 +304,7 @@ mod tests {
     }
 
     /// Reads one request head (up to the blank line) from `stream`.
-    async fn read_head(stream: &mut TcpStream) -> Vec<u8> {
+    async fn read_head(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
@@ -327,20 +346,23 @@ mod tests {
     #[tokio::test]
     async fn status_200_passes() {
         let (addr, _) = answering(OK).await;
-        assert_eq!(probe(addr, &http("/", None, &[(200, 399)])).await, Ok(()));
+        assert_eq!(
+            probe(addr, &http("/", None, &[(200, 399)]), Dial::PLAIN).await,
+            Ok(())
+        );
     }
 
     #[tokio::test]
     async fn status_outside_expect_fails_with_the_status() {
         const UNAVAILABLE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
         let (addr, _) = answering(UNAVAILABLE).await;
-        let failure = probe(addr, &http("/", None, &[(200, 399)])).await;
+        let failure = probe(addr, &http("/", None, &[(200, 399)]), Dial::PLAIN).await;
         assert_eq!(failure, Err(ProbeFailure::Status(503)));
         assert_eq!(failure.unwrap_err().to_string(), "status 503");
 
         let (addr, _) = answering(UNAVAILABLE).await;
         let lenient = http("/", None, &[(200, 299), (503, 503)]);
-        assert_eq!(probe(addr, &lenient).await, Ok(()));
+        assert_eq!(probe(addr, &lenient, Dial::PLAIN).await, Ok(()));
     }
 
     #[tokio::test]
@@ -349,11 +371,14 @@ mod tests {
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
         )
         .await;
-        assert_eq!(probe(addr, &http("/", None, &[(204, 204)])).await, Ok(()));
+        assert_eq!(
+            probe(addr, &http("/", None, &[(204, 204)]), Dial::PLAIN).await,
+            Ok(())
+        );
 
         let (addr, _) = answering(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").await;
         assert_eq!(
-            probe(addr, &http("/", None, &[(200, 399)])).await,
+            probe(addr, &http("/", None, &[(200, 399)]), Dial::PLAIN).await,
             Err(ProbeFailure::Status(101))
         );
     }
@@ -370,9 +395,10 @@ mod tests {
         });
         let check = http("/", None, &[(200, 399)]);
         let started = Instant::now();
-        let result = tokio::time::timeout(Duration::from_secs(10), probe(addr, &check))
-            .await
-            .expect("the probe bounds itself");
+        let result =
+            tokio::time::timeout(Duration::from_secs(10), probe(addr, &check, Dial::PLAIN))
+                .await
+                .expect("the probe bounds itself");
         assert_eq!(result, Err(ProbeFailure::Timeout));
         assert!(started.elapsed() >= check.timeout);
         held.abort();
@@ -382,10 +408,13 @@ mod tests {
     async fn closed_port_is_refused() {
         let addr = closed_port();
         assert_eq!(
-            probe(addr, &http("/", None, &[(200, 399)])).await,
+            probe(addr, &http("/", None, &[(200, 399)]), Dial::PLAIN).await,
             Err(ProbeFailure::ConnectRefused)
         );
-        assert_eq!(probe(addr, &tcp()).await, Err(ProbeFailure::ConnectRefused));
+        assert_eq!(
+            probe(addr, &tcp(), Dial::PLAIN).await,
+            Err(ProbeFailure::ConnectRefused)
+        );
     }
 
     #[tokio::test]
@@ -398,14 +427,14 @@ mod tests {
             let _ = stream.read_to_end(&mut all).await;
             all
         });
-        assert_eq!(probe(addr, &tcp()).await, Ok(()));
+        assert_eq!(probe(addr, &tcp(), Dial::PLAIN).await, Ok(()));
         assert_eq!(got.await.unwrap(), b"", "a TCP check writes nothing");
     }
 
     #[tokio::test]
     async fn garbage_is_a_bad_response() {
         let (addr, _) = answering(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
-        let result = probe(addr, &http("/", None, &[(200, 399)])).await;
+        let result = probe(addr, &http("/", None, &[(200, 399)]), Dial::PLAIN).await;
         assert!(
             matches!(result, Err(ProbeFailure::BadResponse(_))),
             "{result:?}"
@@ -429,7 +458,7 @@ mod tests {
         });
         let (addr, _) = answering(huge).await;
         assert_eq!(
-            probe(addr, &http("/", None, &[(200, 399)])).await,
+            probe(addr, &http("/", None, &[(200, 399)]), Dial::PLAIN).await,
             Err(ProbeFailure::BadResponse("response head too large"))
         );
     }
@@ -448,7 +477,7 @@ mod tests {
             while matches!(stream.read(&mut rest).await, Ok(n) if n > 0) {}
         });
         assert_eq!(
-            probe(addr, &http("/", None, &[(200, 399)])).await,
+            probe(addr, &http("/", None, &[(200, 399)]), Dial::PLAIN).await,
             Err(ProbeFailure::Closed)
         );
     }
@@ -457,7 +486,7 @@ mod tests {
     async fn request_carries_the_configured_path_and_host() {
         let (addr, head) = answering(OK).await;
         let check = http("/healthz?deep=1", Some("app.internal"), &[(200, 299)]);
-        assert_eq!(probe(addr, &check).await, Ok(()));
+        assert_eq!(probe(addr, &check, Dial::PLAIN).await, Ok(()));
         assert_eq!(
             String::from_utf8(head.await.unwrap()).unwrap(),
             "GET /healthz?deep=1 HTTP/1.1\r\nHost: app.internal\r\nUser-Agent: gatehouse-health-check\r\nConnection: close\r\n\r\n"
@@ -467,7 +496,10 @@ mod tests {
     #[tokio::test]
     async fn host_defaults_to_the_server_address() {
         let (addr, head) = answering(OK).await;
-        assert_eq!(probe(addr, &http("/", None, &[(200, 299)])).await, Ok(()));
+        assert_eq!(
+            probe(addr, &http("/", None, &[(200, 299)]), Dial::PLAIN).await,
+            Ok(())
+        );
         let head = String::from_utf8(head.await.unwrap()).unwrap();
         assert!(
             head.starts_with(&format!("GET / HTTP/1.1\r\nHost: {addr}\r\n")),

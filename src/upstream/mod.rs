@@ -14,6 +14,7 @@ pub mod resolve;
 pub mod select;
 pub mod state;
 pub mod targets;
+pub mod tls;
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,28 +23,61 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::metrics::UpstreamErrorKind;
+use crate::stream::UpstreamStream;
 
 pub use pool::Pool;
 
 /// A connection to one upstream server, and whether it came from the pool.
-#[derive(Debug)]
 pub struct UpstreamConn {
-    pub stream: TcpStream,
+    pub stream: UpstreamStream,
     pub reused: bool,
 }
 
-/// Opens a new connection, bounded by `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, UpstreamErrorKind> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+/// What a new connection needs besides the address: the upstream's TLS client, if it has one,
+/// and the server's host name for it.
+#[derive(Clone, Copy)]
+pub struct Dial<'a> {
+    pub tls: Option<&'a tls::UpstreamTls>,
+    pub host_name: Option<&'a str>,
+}
+
+impl Dial<'_> {
+    pub const PLAIN: Dial<'static> = Dial {
+        tls: None,
+        host_name: None,
+    };
+}
+
+/// Opens a new connection, and runs the TLS handshake when the upstream has TLS, all bounded by
+/// `timeout`.
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    dial: Dial<'_>,
+) -> Result<UpstreamStream, UpstreamErrorKind> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => {
             // Heads and small bodies go out in one write each; Nagle would only delay them.
             let _ = stream.set_nodelay(true);
-            Ok(stream)
+            stream
         }
         Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            Err(UpstreamErrorKind::ConnectRefused)
+            return Err(UpstreamErrorKind::ConnectRefused)
         }
-        Ok(Err(_)) => Err(UpstreamErrorKind::Connect),
+        Ok(Err(_)) => return Err(UpstreamErrorKind::Connect),
+        Err(_) => return Err(UpstreamErrorKind::ConnectTimeout),
+    };
+    let Some(tls) = dial.tls else {
+        return Ok(UpstreamStream::Plain(stream));
+    };
+    let handshake = tls.handshake(stream, dial.host_name, addr.ip());
+    match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(tls)) => Ok(UpstreamStream::Tls(Box::new(tls))),
+        Ok(Err(e)) => {
+            tracing::debug!(server = %addr, error = %e, "TLS handshake with upstream failed");
+            Err(UpstreamErrorKind::Tls)
+        }
         Err(_) => Err(UpstreamErrorKind::ConnectTimeout),
     }
 }

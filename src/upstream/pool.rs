@@ -10,9 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
-
 use crate::config::snapshot::Server;
+use crate::stream::UpstreamStream;
 
 #[derive(Debug, Default)]
 pub struct Pool {
@@ -20,14 +19,20 @@ pub struct Pool {
 }
 
 /// One server's idle connections. Snapshots hold an `Arc` of it in `Server::idle`.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ServerIdle {
     idle: Mutex<Vec<Idle>>,
 }
 
-#[derive(Debug)]
+impl std::fmt::Debug for ServerIdle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let idle = self.idle.lock().map_or(0, |l| l.len());
+        f.debug_struct("ServerIdle").field("idle", &idle).finish()
+    }
+}
+
 struct Idle {
-    stream: TcpStream,
+    stream: UpstreamStream,
     expires: Instant,
 }
 
@@ -46,9 +51,10 @@ impl Pool {
         })
     }
 
-    /// An idle connection to the server, if one is alive. Connections that expired, were closed
-    /// by the server, or have unexpected bytes waiting are discarded on the way.
-    pub fn checkout(&self, server: &Server) -> Option<TcpStream> {
+    /// An idle connection to the server, if one is alive and of the kind asked for (`tls`: a
+    /// reload may have turned TLS on or off). Connections that expired, were closed by the
+    /// server, or have unexpected bytes waiting are discarded on the way.
+    pub fn checkout(&self, server: &Server, tls: bool) -> Option<UpstreamStream> {
         let list = self.server(server);
         let now = Instant::now();
         loop {
@@ -56,7 +62,7 @@ impl Pool {
                 let mut list = list.idle.lock().unwrap_or_else(PoisonError::into_inner);
                 list.pop()?
             };
-            if conn.expires > now && is_quiet(&conn.stream) {
+            if conn.expires > now && conn.stream.is_tls() == tls && is_quiet(&conn.stream) {
                 return Some(conn.stream);
             }
         }
@@ -64,7 +70,13 @@ impl Pool {
 
     /// Returns a connection that finished an exchange cleanly. Over `max_idle`, the oldest idle
     /// connection is closed instead.
-    pub fn checkin(&self, server: &Server, stream: TcpStream, max_idle: usize, idle: Duration) {
+    pub fn checkin(
+        &self,
+        server: &Server,
+        stream: UpstreamStream,
+        max_idle: usize,
+        idle: Duration,
+    ) {
         if max_idle == 0 {
             return;
         }
@@ -105,10 +117,14 @@ impl Pool {
 
 /// True when nothing is waiting on the socket: no FIN, no RST, no stray bytes. A non-blocking
 /// peek costs one syscall and catches most connections the server closed while idle; the retry
-/// in `proxy.rs` covers the rest (a close racing with our request).
-fn is_quiet(stream: &TcpStream) -> bool {
+/// in `proxy.rs` covers the rest (a close racing with our request). Over TLS the peek is at
+/// the TCP bytes: a close_notify or anything else unread makes the connection unfit too.
+fn is_quiet(stream: &UpstreamStream) -> bool {
+    let Some(tcp) = stream.tcp() else {
+        return false;
+    };
     let mut probe = [0u8; 1];
-    match stream.try_read(&mut probe) {
+    match tcp.try_read(&mut probe) {
         Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
         Ok(_) => false,
     }

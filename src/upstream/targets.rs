@@ -15,7 +15,7 @@ use super::budget::RetryBudget;
 use super::pool::ServerIdle;
 use super::state::ServerState;
 use crate::balance::{stable_hash, Algorithm, Balancer};
-use crate::config::snapshot::ServerSpec;
+use crate::config::snapshot::{ServerHost, ServerSpec};
 use crate::http2::client::ServerConns;
 use crate::metrics::Metrics;
 
@@ -37,6 +37,8 @@ pub struct Server {
     /// This server's idle connections, looked up by `key` on first use and then held here, so
     /// a request reaches them without a map lookup. Empty in a freshly built list.
     pub idle: OnceLock<Arc<ServerIdle>>,
+    /// The name this server was configured by, when it was (the TLS name to verify and send).
+    pub host_name: Option<Arc<str>>,
     /// Its HTTP/2 connections, when the upstream speaks h2c; found like `idle`.
     pub h2: OnceLock<Arc<ServerConns>>,
 }
@@ -100,6 +102,10 @@ impl Targets {
                     state: registry.server_state(&key),
                     key,
                     idle: OnceLock::new(),
+                    host_name: match &spec.host {
+                        ServerHost::Name { host, .. } => Some(host.as_str().into()),
+                        ServerHost::Addr(_) => None,
+                    },
                     h2: OnceLock::new(),
                 });
             }

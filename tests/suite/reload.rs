@@ -434,3 +434,90 @@ async fn health_checks_follow_the_config_in_force() {
     );
     assert_eq!(body(&proxy.url("/")).await, "up");
 }
+
+/// `[reload] watch = true`, looked at every 50 ms, and a `/` that answers `body`.
+fn watched(body: &str) -> String {
+    format!(
+        "[reload]\nwatch = true\ninterval = \"50ms\"\n\n{}",
+        respond(body)
+    )
+}
+
+/// Waits until `/` answers `want`; false after 20 s.
+async fn serves(proxy: &Proxy, want: &str) -> bool {
+    let url = proxy.url("/");
+    poll_until(Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            let r = client().get(&url).send().await.ok()?;
+            (r.text().await.ok()? == want).then_some(())
+        }
+    })
+    .await
+    .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_file_is_reloaded_when_it_changes_and_a_broken_one_is_refused_once() {
+    let proxy = Proxy::start(&watched("one")).await;
+    assert_eq!(body(&proxy.url("/")).await, "one");
+
+    // Written in place, as an editor saving over the file does.
+    proxy.rewrite(&watched("two"));
+    assert!(serves(&proxy, "two").await, "the change was not picked up");
+
+    // Replaced by rename, as atomic deploys (and kubectl) do: a new inode.
+    let dir = proxy.config_path().parent().expect("config dir");
+    let staged = dir.join(format!(
+        "{}.new",
+        proxy
+            .config_path()
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+    ));
+    std::fs::write(
+        &staged,
+        format!("{}{}", crate::support::proxy::BASE_CONFIG, watched("three")),
+    )
+    .expect("staging");
+    std::fs::rename(&staged, proxy.config_path()).expect("rename");
+    assert!(
+        serves(&proxy, "three").await,
+        "the replaced file was not picked up"
+    );
+
+    // Broken: refused, the old config keeps serving, and it is tried once, not every interval.
+    proxy.rewrite("[[listener]]\nname = 3\n");
+    let failed = poll_until(Duration::from_secs(20), || async {
+        let m = proxy.metrics().await;
+        m.contains("gatehouse_config_reloads_total{result=\"failure\"} 1")
+            .then_some(())
+    })
+    .await;
+    assert!(failed.is_some(), "{}", proxy.metrics().await);
+    // Ten more intervals: still one failure.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = proxy.metrics().await;
+    assert!(
+        m.contains("gatehouse_config_reloads_total{result=\"failure\"} 1"),
+        "{m}"
+    );
+    assert_eq!(body(&proxy.url("/")).await, "three");
+
+    // Fixed: in force.
+    proxy.rewrite(&watched("four"));
+    assert!(serves(&proxy, "four").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_watch_a_changed_file_waits_for_a_signal() {
+    let proxy = Proxy::start(&respond("one")).await;
+    proxy.rewrite(&respond("two"));
+    // Several default watch intervals' worth: nothing changes by itself.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(body(&proxy.url("/")).await, "one");
+    let (status, _) = proxy.reload().await;
+    assert_eq!(status, 200);
+    assert_eq!(body(&proxy.url("/")).await, "two");
+}

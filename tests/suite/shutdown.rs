@@ -211,9 +211,39 @@ async fn keep_alive_request_in_flight_during_shutdown_gets_connection_close() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_an_idle_connection_just_after_a_drain_began_is_answered_not_reset() {
+    // The client cannot know the drain began; its next request on a keep-alive connection is
+    // served and told to reconnect, not met by a close (which it would see as a failure).
+    let up = HttpUpstream::fixed("fast\n").await;
+    let proxy = Proxy::start(&format!(
+        "[timeouts]\nshutdown_grace = \"60s\"\n\n{}{}",
+        upstream_toml("app", &[up.addr()]),
+        route_toml("/", "app")
+    ))
+    .await;
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    conn.send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    let first = conn.read_response(false).await;
+    assert_eq!(first.status, 200);
+    assert!(!first.connection_has("close"), "{}", first.head);
+
+    proxy.shutdown();
+    conn.send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    let second = conn.read_response(false).await;
+    assert_eq!(second.status, 200, "{}", second.head);
+    assert!(second.connection_has("close"), "{}", second.head);
+    assert!(
+        conn.closed_within(Duration::from_secs(10)).await,
+        "the connection stays open after Connection: close"
+    );
+    proxy.wait(Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_do_not_hold_up_shutdown() {
-    // shutdown_grace is 60 s; an idle connection must be closed at once, not waited on, so the
-    // drain finishes long before the grace period (the 20 s limit only stops a hang).
+    // shutdown_grace is 60 s; an idle connection is closed a moment after the drain began
+    // (app::IDLE_CLOSE_AFTER), not waited on for the whole grace period (the 20 s limit only
+    // stops a hang).
     let (_up, proxy) = slow_proxy().await;
     let mut conn = RawConn::connect(proxy.addr()).await;
     conn.send(b"GET /slow HTTP/1.1\r\nHost: a.test\r\n\r\n")

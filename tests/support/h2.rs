@@ -187,6 +187,29 @@ impl H2Upstream {
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
+        H2Upstream::serve(None, handler).await
+    }
+
+    /// The same over TLS with `tls` (its ALPN is set to `h2`).
+    pub async fn start_tls<F, Fut>(tls: Arc<rustls::ServerConfig>, handler: F) -> H2Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let mut config = rustls::ServerConfig::clone(&tls);
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        H2Upstream::serve(
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            handler,
+        )
+        .await
+    }
+
+    async fn serve<F, Fut>(tls: Option<tokio_rustls::TlsAcceptor>, handler: F) -> H2Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
         let handler: Handler = Arc::new(move |req| Box::pin(handler(req)));
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -209,15 +232,28 @@ impl H2Upstream {
                 let handler = Arc::clone(&handler);
                 let r = Arc::clone(&r);
                 let done = Arc::clone(&done);
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         r.fetch_add(1, Ordering::SeqCst);
                         let fut = handler(req);
                         async move { Ok::<_, Infallible>(fut.await) }
                     });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                        }
+                    }
                     done.fetch_add(1, Ordering::SeqCst);
                 });
             }

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,17 +24,43 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 type BoxFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxFuture + Send + Sync>;
 
-/// A hyper HTTP/1.1 server on 127.0.0.1:0. Aborted on drop.
+/// A hyper HTTP/1.1 server on 127.0.0.1:0, over TLS when started with `start_tls`. Aborted on
+/// drop.
 pub struct HttpUpstream {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    handshakes: Arc<Mutex<Vec<Handshake>>>,
     task: JoinHandle<()>,
+}
+
+/// What a TLS upstream saw of one completed handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handshake {
+    pub sni: Option<String>,
+    pub client_cert: bool,
 }
 
 impl HttpUpstream {
     /// Serves every request with `handler`.
     pub async fn start<F, Fut>(handler: F) -> HttpUpstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        HttpUpstream::serve(None, handler).await
+    }
+
+    /// Serves every request with `handler`, over TLS with `tls`.
+    pub async fn start_tls<F, Fut>(tls: Arc<rustls::ServerConfig>, handler: F) -> HttpUpstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        HttpUpstream::serve(Some(tls), handler).await
+    }
+
+    async fn serve<F, Fut>(tls: Option<Arc<rustls::ServerConfig>>, handler: F) -> HttpUpstream
     where
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
@@ -46,18 +72,27 @@ impl HttpUpstream {
         let addr = listener.local_addr().expect("upstream address");
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
+        let handshakes = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(accept_loop(
             listener,
+            tls.map(tokio_rustls::TlsAcceptor::from),
             handler,
             Arc::clone(&connections),
             Arc::clone(&requests),
+            Arc::clone(&handshakes),
         ));
         HttpUpstream {
             addr,
             connections,
             requests,
+            handshakes,
             task,
         }
+    }
+
+    /// The TLS handshakes completed so far, in order.
+    pub fn handshakes(&self) -> Vec<Handshake> {
+        self.handshakes.lock().expect("handshakes lock").clone()
     }
 
     /// Answers every request with a description of it (see `Echo`).
@@ -121,9 +156,11 @@ impl Drop for HttpUpstream {
 
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     handler: Handler,
     connections: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    handshakes: Arc<Mutex<Vec<Handshake>>>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -132,17 +169,38 @@ async fn accept_loop(
         connections.fetch_add(1, Ordering::SeqCst);
         let handler = Arc::clone(&handler);
         let requests = Arc::clone(&requests);
+        let tls = tls.clone();
+        let handshakes = Arc::clone(&handshakes);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 requests.fetch_add(1, Ordering::SeqCst);
                 let fut = handler(req);
                 async move { Ok::<_, Infallible>(fut.await) }
             });
+            let mut builder = hyper::server::conn::http1::Builder::new();
             // Errors here are the proxy hanging up, which some tests do on purpose.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            match tls {
+                None => {
+                    let _ = builder
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+                Some(acceptor) => {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let session = stream.get_ref().1;
+                    handshakes.lock().expect("handshakes lock").push(Handshake {
+                        sni: session.server_name().map(str::to_owned),
+                        client_cert: session.peer_certificates().is_some_and(|c| !c.is_empty()),
+                    });
+                    let _ = builder
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            }
         });
     }
 }

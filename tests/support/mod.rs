@@ -6,6 +6,8 @@
 //! - `raw`: raw TCP upstreams that misbehave on purpose, and a raw client for requests that a
 //!   real HTTP client would refuse to send.
 //! - `body`: deterministic large bodies and a checksum to compare them on both ends.
+//! - `load`: bounded keep-alive load that sorts failures (refused, reset, other), for the
+//!   reload and upgrade tests.
 //!
 //! Nothing here sleeps for a fixed time to let something happen: waits are polls bounded by a
 //! timeout, so a slow machine makes the suite slower, never flaky.
@@ -15,10 +17,12 @@
 
 pub mod backend;
 pub mod body;
+pub mod certs;
 pub mod dns;
 pub mod flaky;
 pub mod h2;
 pub mod http_upstream;
+pub mod load;
 pub mod proxy;
 pub mod raw;
 
@@ -116,6 +120,24 @@ pub fn reserved_tokio_listener() -> tokio::net::TcpListener {
         .set_nonblocking(true)
         .expect("a non-blocking listener");
     tokio::net::TcpListener::from_std(listener).expect("registering a listener")
+}
+
+/// Runs `gatehouse check -c FILE` on `toml`; returns (exit code, stdout + stderr, the file's
+/// path, which starts every diagnostic line).
+pub fn gatehouse_check(toml: &str) -> (Option<i32>, String, String) {
+    let file = proxy::write_config(toml);
+    let path = file.path().display().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["check", "-c", &path])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running gatehouse check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text, path)
 }
 
 /// The TOML for `[upstream.NAME]` with equal-weight servers and nothing else.

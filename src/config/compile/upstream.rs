@@ -17,7 +17,7 @@ use super::{defaults, Checker, Globals, MAX_WEIGHT};
 use crate::balance::{Algorithm, HashKey};
 use crate::config::file::{
     HealthCheckSection, OutlierSection, RetrySection, ServerEntry, ServerTable, UpstreamSection,
-    UpstreamTimeoutsSection,
+    UpstreamTimeoutsSection, UpstreamTlsSection, UpstreamTlsValue,
 };
 use crate::config::snapshot::{
     BalanceSettings, HealthCheckKind, HealthCheckSettings, HostMatch, OutlierSettings,
@@ -25,6 +25,7 @@ use crate::config::snapshot::{
     UpstreamLive, UpstreamProtocol, UpstreamTimeouts,
 };
 use crate::config::values;
+use crate::upstream::tls::{SetupError, TlsFiles, UpstreamTls};
 
 impl Checker<'_> {
     /// Upstreams in file order, so that `UpstreamId`s follow the file. Metrics are placeholders.
@@ -60,6 +61,7 @@ impl Checker<'_> {
             health_check,
             outlier,
             retry,
+            tls,
         } = section;
         let servers_span = servers.span();
         if servers.get_ref().is_empty() {
@@ -124,7 +126,7 @@ impl Checker<'_> {
         }
         if !specs.is_empty() && specs.iter().all(|s| s.backup) {
             self.report(
-                servers_span,
+                servers_span.clone(),
                 format!(
                     "upstream {name:?} has only backup servers: at least one must be a primary"
                 ),
@@ -149,18 +151,13 @@ impl Checker<'_> {
             idle: self.duration(idle, g.idle),
             tunnel_idle: self.duration(tunnel_idle, g.tunnel_idle),
         };
+        let protocol_span = protocol.as_ref().map(|p| p.span());
         let protocol = match &protocol {
             None => UpstreamProtocol::Http1,
             Some(p) => match p.get_ref().as_str() {
                 "http1" => UpstreamProtocol::Http1,
                 "h2c" => UpstreamProtocol::H2c,
-                "h2" => {
-                    self.report(
-                        p.span(),
-                        "protocol = \"h2\" is HTTP/2 over TLS, and TLS to upstreams is not available yet; use \"h2c\" for cleartext HTTP/2",
-                    );
-                    UpstreamProtocol::Http1
-                }
+                "h2" => UpstreamProtocol::H2,
                 other => {
                     let message = format!(
                         "unknown protocol {other:?}: expected \"http1\", \"h2c\" or \"h2\""
@@ -192,9 +189,45 @@ impl Checker<'_> {
                 .map_or(defaults::MAX_PENDING, |m| u32::try_from(m).unwrap_or(0)),
             timeout: self.duration(queue_timeout, defaults::QUEUE_TIMEOUT),
         };
+        let health_span = health_check.as_ref().map(|h| h.span());
         let health_check = health_check.map(|h| self.health_check(h));
         let outlier = self.outlier(outlier.unwrap_or_default());
         let retry = self.retry(retry.unwrap_or_default(), &timeouts);
+        let protocol_span = protocol_span.unwrap_or_else(|| servers_span.clone());
+        let tls = match (protocol, tls) {
+            // HTTP/2 over TLS: TLS whether or not the table says more about it.
+            (UpstreamProtocol::H2, None) => self.upstream_tls(
+                Spanned::new(protocol_span, UpstreamTlsValue::Enabled(true)),
+                protocol,
+            ),
+            (UpstreamProtocol::H2, Some(t))
+                if matches!(t.get_ref(), UpstreamTlsValue::Enabled(false)) =>
+            {
+                self.report(
+                    t.span(),
+                    "protocol = \"h2\" is HTTP/2 over TLS; for cleartext HTTP/2 use protocol = \"h2c\"",
+                );
+                None
+            }
+            (UpstreamProtocol::H2c, Some(t))
+                if !matches!(t.get_ref(), UpstreamTlsValue::Enabled(false)) =>
+            {
+                self.report(
+                    t.span(),
+                    "protocol = \"h2c\" is cleartext HTTP/2; for HTTP/2 over TLS use protocol = \"h2\"",
+                );
+                None
+            }
+            (_, t) => t.and_then(|t| self.upstream_tls(t, protocol)),
+        };
+        if let (true, Some(h)) = (protocol.is_http2(), &health_check) {
+            if !matches!(h.kind, HealthCheckKind::Tcp) {
+                self.report(
+                    health_span.clone().unwrap_or_else(|| servers_span.clone()),
+                    "HTTP health checks speak HTTP/1.1, which an HTTP/2 upstream may not: use health_check = { type = \"tcp\" } (with protocol = \"h2\" it checks the TLS handshake too)",
+                );
+            }
+        }
         Upstream {
             targets: ArcSwap::from_pointee(Targets::empty(&balance.algorithm)),
             name,
@@ -206,9 +239,71 @@ impl Checker<'_> {
             queue,
             timeouts,
             max_idle_per_server,
+            tls,
             protocol,
             metrics: Arc::default(),
             live: UpstreamLive::default(),
+        }
+    }
+
+    /// Reads the CA and client certificate files now, so that `check` names a bad one.
+    fn upstream_tls(
+        &mut self,
+        tls: Spanned<UpstreamTlsValue>,
+        protocol: UpstreamProtocol,
+    ) -> Option<Arc<UpstreamTls>> {
+        let span = tls.span();
+        let section = match tls.into_inner() {
+            UpstreamTlsValue::Enabled(false) => return None,
+            UpstreamTlsValue::Enabled(true) => UpstreamTlsSection::default(),
+            UpstreamTlsValue::Table(t) => t,
+        };
+        let UpstreamTlsSection {
+            verify,
+            ca,
+            server_name,
+            client_cert,
+            client_key,
+        } = section;
+        let verify = verify.unwrap_or(true);
+        if let (false, Some(ca)) = (verify, &ca) {
+            self.report(
+                ca.span(),
+                "tls.ca has no effect with verify = false: certificates are not checked",
+            );
+        }
+        match (&client_cert, &client_key) {
+            (Some(c), None) => self.report(c.span(), "tls.client_cert needs tls.client_key"),
+            (None, Some(k)) => self.report(k.span(), "tls.client_key needs tls.client_cert"),
+            _ => {}
+        }
+        let files = TlsFiles {
+            verify,
+            ca: ca.as_ref().map(|c| self.file_path(c.get_ref())),
+            server_name: server_name.as_ref().map(|n| n.get_ref().clone()),
+            client_cert: client_cert.as_ref().map(|c| self.file_path(c.get_ref())),
+            client_key: client_key.as_ref().map(|k| self.file_path(k.get_ref())),
+        };
+        let alpn: &[&[u8]] = match protocol {
+            UpstreamProtocol::H2 => &[b"h2"],
+            UpstreamProtocol::Http1 | UpstreamProtocol::H2c => &[b"http/1.1"],
+        };
+        match crate::upstream::tls::build(&files, alpn) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                // Point at the value the problem is in.
+                let at = match &e {
+                    SetupError::BadServerName(_) => server_name.map(|n| n.span()),
+                    SetupError::Ca(_) | SetupError::BadCa { .. } => ca.map(|c| c.span()),
+                    SetupError::ClientCertFile(_) => client_cert.map(|c| c.span()),
+                    SetupError::ClientKeyFile(_) | SetupError::ClientCert { .. } => {
+                        client_key.map(|k| k.span())
+                    }
+                    SetupError::Config(_) | SetupError::NoSystemRoots(_) => None,
+                };
+                self.report(at.unwrap_or(span), e.to_string());
+                None
+            }
         }
     }
 
