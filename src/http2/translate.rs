@@ -566,6 +566,54 @@ mod tests {
     }
 
     #[test]
+    fn a_request_for_an_http2_upstream_carries_ours_and_not_the_clients_forwarding_fields() {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("http://api.example/rpc?x=1")
+            .header("x-forwarded-for", "10.0.0.1")
+            .header("x-forwarded-proto", "https")
+            .header("x-client-subject", "CN=forged")
+            .header("te", "trailers")
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let parts = parts(req);
+        let head = request_head(&parts, BodyKnown::Streaming, &limits()).unwrap();
+        let alice = crate::conn::ClientSubject {
+            header: "x-client-subject".into(),
+            subject: Some("CN=alice".into()),
+        };
+        let fwd = Forwarded {
+            client_ip: b"192.0.2.7",
+            https: false,
+            subject: Some(&alice),
+        };
+        let up = upstream_request(&head, &parts.headers, &fwd).unwrap();
+        assert_eq!(up.method(), "POST");
+        assert_eq!(up.uri(), "http://api.example/rpc?x=1");
+        let h = up.headers();
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.example");
+        assert_eq!(h.get_all("x-client-subject").iter().count(), 1);
+        assert_eq!(h["x-client-subject"], "CN=alice");
+        assert_eq!(h["te"], "trailers", "gRPC needs it");
+        assert_eq!(h["via"], "2 gatehouse");
+        assert!(h.get("host").is_none(), ":authority carries it");
+        // No verified subject: the client's field still never passes.
+        let nobody = crate::conn::ClientSubject {
+            header: "x-client-subject".into(),
+            subject: None,
+        };
+        let fwd = Forwarded {
+            subject: Some(&nobody),
+            ..fwd
+        };
+        let up = upstream_request(&head, &parts.headers, &fwd).unwrap();
+        assert!(up.headers().get("x-client-subject").is_none());
+    }
+
+    #[test]
     fn trailers_round_trip() {
         let map = trailers_from_h1(b"grpc-status: 0\r\ncontent-length: 5\r\nx-a:  b \r\n");
         assert_eq!(map.len(), 2);
