@@ -4,16 +4,16 @@
 //! Neighbours: `http2::server` spawns `serve_stream` for every stream it accepts;
 //! `http2::translate` gives the HTTP/1.1 view of the request that the router, the balancer and
 //! `http1::write` use, so an HTTP/2 request is routed and forwarded by the rules an HTTP/1.1
-//! one is. Forwarding goes to an HTTP/1.1 upstream (`forward_h1`: pooled connections, the body
-//! framed as chunked unless its length is known, trailers both ways) or to an HTTP/2 one
-//! (`forward_h2`: a stream on a shared connection, both bodies moving at once, as gRPC's
-//! bidirectional calls need).
+//! one is. Forwarding goes to an HTTP/1.1 upstream (`forward_h1` here: pooled connections, the
+//! body framed by its length when known, else chunked, trailers both ways, WebSocket by RFC
+//! 8441) or to an HTTP/2 one (`h2_upstream::forward_h2`: a stream on a shared connection, both
+//! bodies moving at once, as gRPC's bidirectional calls need).
 //!
 //! Flow control is end to end: request DATA is released to the client only once written
 //! upstream, and response bytes are read from the upstream only as the client's window lets
 //! them out, so a slow side slows the other instead of filling memory. A response that cannot
-//! get window for `http2.send_timeout` is reset and its connection closed (zero-window
-//! readers). The phase before a response is raced against the client's RST_STREAM, so a reset
+//! get window for `http2.send_timeout` is reset, and its connection closed when no stream on
+//! it got window either (zero-window readers). The phase before a response is raced against the client's RST_STREAM, so a reset
 //! stream stops costing the upstream anything (Rapid Reset).
 
 use std::sync::atomic::Ordering::Relaxed;
