@@ -1,5 +1,7 @@
 //! One task per client connection: read a request head, hand it to the proxy, repeat while the
-//! connection stays persistent.
+//! connection stays persistent. A connection that speaks HTTP/2 (ALPN `h2`, or the h2c preface
+//! on a listener with `http2 = true`) is handed to `http2::server` instead, after the TLS
+//! handshake and before any HTTP/1.1 parsing.
 //!
 //! Neighbours: `listener.rs` accepts and spawns `serve`; `http1::request` parses each head;
 //! `proxy::handle` serves the request. This module owns the client-side timeouts (header read,
@@ -115,14 +117,18 @@ pub fn serve(
                 drop(permit);
                 return;
             }
-            let alpn = match &client.stream {
-                ClientStream::Tls(s) => s.get_ref().1.alpn_protocol().map(<[u8]>::to_vec),
+            let alpn_h2 = match &client.stream {
+                ClientStream::Tls(s) => s
+                    .get_ref()
+                    .1
+                    .alpn_protocol()
+                    .map(|p| p == crate::tls::ALPN_H2),
                 _ => None,
             };
             // h2 by ALPN; with no ALPN at all, some clients (gRPC ones among them) still
             // start HTTP/2 with its preface, as over cleartext.
-            let h2 = match alpn.as_deref() {
-                Some(p) => p == crate::tls::ALPN_H2,
+            let h2 = match alpn_h2 {
+                Some(chosen) => chosen,
                 None => http2 && Box::pin(sniff_h2c(&mut client, &shared, connected)).await,
             };
             if h2 {

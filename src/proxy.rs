@@ -13,6 +13,10 @@
 //!
 //! Errors from any phase come back as `ProxyError`, which knows its status; if nothing was sent
 //! to the client yet, `send_error` answers with it.
+//!
+//! HTTP/2 streams take the same phases in `h2.rs` (one task per stream, the request seen
+//! through its HTTP/1.1 translation); `h2_upstream.rs` forwards to upstreams that speak
+//! HTTP/2, for either kind of client.
 
 mod acquire;
 mod error;
@@ -20,7 +24,6 @@ pub mod h2;
 mod h2_upstream;
 mod tunnel;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
@@ -28,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use error::ProxyError;
 
-use acquire::{acquire, open, pick_request, server_failed, server_index};
+use acquire::{acquire, may_retry, open, pick_request, server_failed};
 
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
@@ -41,8 +44,8 @@ use crate::http1::response::{self, ResponseHead};
 use crate::http1::write::{self, Forwarded, Persistence};
 use crate::http1::{Framing, Version};
 use crate::metrics::UpstreamErrorKind;
-use crate::upstream::select::{self, NoServer, Tried};
-use crate::upstream::state::{now_ms, now_ns, UpstreamFailure};
+use crate::upstream::select::Tried;
+use crate::upstream::state::{now_ns, UpstreamFailure};
 use crate::upstream::{self, UpstreamConn};
 
 /// What `handle` tells the connection loop.
@@ -327,40 +330,19 @@ async fn forward(
             UpstreamFailure::Io(kind),
             try_started.elapsed(),
         );
-        // Retry only what cannot have been acted on twice: nothing of a response came, and the
-        // request is safe to repeat. A timeout is retried only when a per-try timeout says the
-        // server had its chance; without one the request has used its whole time.
-        let died_before_answering = matches!(
+        if !may_retry(
+            upstream,
+            &targets,
+            pick,
+            &mut tried,
+            server,
             kind,
-            UpstreamErrorKind::ClosedEarly | UpstreamErrorKind::Reset
-        ) && up_buf.is_empty();
-        let timed_out = kind == UpstreamErrorKind::Timeout && retry.per_try_timeout.is_some();
-        // Only after a stale pooled connection: the fresh one could not even be opened.
-        let not_connected = matches!(
-            kind,
-            UpstreamErrorKind::ConnectRefused
-                | UpstreamErrorKind::ConnectTimeout
-                | UpstreamErrorKind::Connect
-                | UpstreamErrorKind::Tls
-        );
-        let retryable = died_before_answering || timed_out || not_connected;
-        if !(repeatable && retryable) || tries >= retry.attempts {
+            up_buf.is_empty(),
+            repeatable,
+            tries,
+        ) {
             return Err(ProxyError::Upstream(kind));
         }
-        tried.add(server_index(&targets, server));
-        if select::select(upstream, &targets, pick, tried) == Err(NoServer::None) {
-            // No other server to try: the client hears what went wrong with this one.
-            return Err(ProxyError::Upstream(kind));
-        }
-        if !upstream
-            .live
-            .budget
-            .withdraw(retry.budget_min_per_second, now_ms())
-        {
-            upstream.metrics.retries_refused.fetch_add(1, Relaxed);
-            return Err(ProxyError::Upstream(kind));
-        }
-        upstream.metrics.retries.fetch_add(1, Relaxed);
         up_buf.clear();
         tracing::debug!(server = %server.address, error = kind.as_str(), "retrying on another server");
     };

@@ -1082,10 +1082,7 @@ fn upstream_protocol_is_checked() {
         "7:7",
         "for HTTP/2 over TLS use protocol = \"h2\"",
     );
-    assert_one_error(
-        &format!("{}health_check = {{ path = \"/\" }}\n", up("h2c")),
-        "7:16",
-        "type = \"tcp\"",
-    );
+    // HTTP checks of HTTP/2 upstreams speak HTTP/2.
+    ok(&format!("{}health_check = {{ path = \"/\" }}\n", up("h2c")));
     assert_one_error(&up("spdy"), "6:12", "unknown protocol \"spdy\"");
 }

@@ -33,11 +33,21 @@ fn is_connection_specific(name: &HeaderName) -> bool {
         || name == "proxy-connection"
 }
 
-/// The HTTP/1.1 head that stands for an HTTP/2 request. `end_of_stream`: the HEADERS frame
-/// ended the stream, so there is no body.
+/// What is known of an HTTP/2 request's body when its HTTP/1.1 head is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKnown {
+    /// The HEADERS frame ended the stream.
+    None,
+    /// The whole body has arrived: this many bytes.
+    Whole(u64),
+    /// Still arriving: its content-length if the client gave one, else chunked.
+    Streaming,
+}
+
+/// The HTTP/1.1 head that stands for an HTTP/2 request.
 pub fn request_head(
     parts: &http::request::Parts,
-    end_of_stream: bool,
+    body: BodyKnown,
     limits: &ConnLimits,
 ) -> Result<RequestHead, HeadError> {
     // RFC 8441 §4: an extended CONNECT with `:protocol = websocket` is a WebSocket opening
@@ -103,6 +113,10 @@ pub fn request_head(
         if name == header::HOST || name == header::COOKIE {
             continue;
         }
+        if name == header::CONTENT_LENGTH && matches!(body, BodyKnown::Whole(_)) {
+            // Written below from what arrived (h2 has checked that the two agree).
+            continue;
+        }
         // h2 refuses these already (as a stream error); checked again so that nothing here
         // depends on that.
         if is_connection_specific(name) {
@@ -121,8 +135,19 @@ pub fn request_head(
         // from HTTP/2, and the upstream's answer to it is checked by no one but us.
         buf.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\n");
         field(&mut buf, b"sec-websocket-key", &websocket_key());
-    } else if !end_of_stream && !parts.headers.contains_key(header::CONTENT_LENGTH) {
-        buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    } else {
+        match body {
+            BodyKnown::None => {}
+            BodyKnown::Whole(n) => field(
+                &mut buf,
+                b"content-length",
+                itoa::Buffer::new().format(n).as_bytes(),
+            ),
+            BodyKnown::Streaming if !parts.headers.contains_key(header::CONTENT_LENGTH) => {
+                buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            }
+            BodyKnown::Streaming => {}
+        }
     }
     buf.extend_from_slice(b"\r\n");
     match request::parse(&mut buf, limits)? {
@@ -440,7 +465,7 @@ mod tests {
             .header("x-thing", "v")
             .body(())
             .unwrap();
-        let head = request_head(&parts(req), false, &limits()).unwrap();
+        let head = request_head(&parts(req), BodyKnown::Streaming, &limits()).unwrap();
         let raw = std::str::from_utf8(&head.raw).unwrap();
         assert!(raw.starts_with("POST /a/b?q=1 HTTP/1.1\r\nhost: example.com:8443\r\n"));
         assert!(raw.contains("\r\ncookie: a=1; b=2\r\n"), "{raw}");
@@ -456,11 +481,14 @@ mod tests {
             .header("content-length", "5")
             .body(())
             .unwrap();
-        let head = request_head(&parts(req), false, &limits()).unwrap();
+        let head = request_head(&parts(req), BodyKnown::Streaming, &limits()).unwrap();
         assert_eq!(head.framing, Framing::Length(5));
         let req = http::Request::builder().uri("http://a/").body(()).unwrap();
-        let head = request_head(&parts(req), true, &limits()).unwrap();
+        let head = request_head(&parts(req), BodyKnown::None, &limits()).unwrap();
         assert_eq!(head.framing, Framing::Empty);
+        let req = http::Request::builder().uri("http://a/").body(()).unwrap();
+        let head = request_head(&parts(req), BodyKnown::Whole(7), &limits()).unwrap();
+        assert_eq!(head.framing, Framing::Length(7));
     }
 
     #[test]
@@ -494,14 +522,14 @@ mod tests {
             .extensions_mut()
             .insert(h2::ext::Protocol::from_static("connect-udp"));
         for req in [host_differs, te, conn, connect, other_protocol] {
-            assert!(request_head(&parts(req), true, &limits()).is_err());
+            assert!(request_head(&parts(req), BodyKnown::None, &limits()).is_err());
         }
         let trailers_ok = http::Request::builder()
             .uri("http://a/")
             .header("te", "trailers")
             .body(())
             .unwrap();
-        assert!(request_head(&parts(trailers_ok), true, &limits()).is_ok());
+        assert!(request_head(&parts(trailers_ok), BodyKnown::None, &limits()).is_ok());
     }
 
     #[test]
@@ -514,7 +542,7 @@ mod tests {
             .unwrap();
         req.extensions_mut()
             .insert(h2::ext::Protocol::from_static("websocket"));
-        let head = request_head(&parts(req), false, &limits()).unwrap();
+        let head = request_head(&parts(req), BodyKnown::Streaming, &limits()).unwrap();
         assert_eq!(head.method, crate::http1::request::Method::Get);
         assert_eq!(head.framing, Framing::Empty);
         assert_eq!(head.upgrade.map(|u| head.bytes(u)), Some(&b"websocket"[..]));
@@ -535,6 +563,54 @@ mod tests {
         let res = response_from_h1(&head, false).unwrap();
         let names: Vec<&str> = res.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-keep", "via"]);
+    }
+
+    #[test]
+    fn a_request_for_an_http2_upstream_carries_ours_and_not_the_clients_forwarding_fields() {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("http://api.example/rpc?x=1")
+            .header("x-forwarded-for", "10.0.0.1")
+            .header("x-forwarded-proto", "https")
+            .header("x-client-subject", "CN=forged")
+            .header("te", "trailers")
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let parts = parts(req);
+        let head = request_head(&parts, BodyKnown::Streaming, &limits()).unwrap();
+        let alice = crate::conn::ClientSubject {
+            header: "x-client-subject".into(),
+            subject: Some("CN=alice".into()),
+        };
+        let fwd = Forwarded {
+            client_ip: b"192.0.2.7",
+            https: false,
+            subject: Some(&alice),
+        };
+        let up = upstream_request(&head, &parts.headers, &fwd).unwrap();
+        assert_eq!(up.method(), "POST");
+        assert_eq!(up.uri(), "http://api.example/rpc?x=1");
+        let h = up.headers();
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.example");
+        assert_eq!(h.get_all("x-client-subject").iter().count(), 1);
+        assert_eq!(h["x-client-subject"], "CN=alice");
+        assert_eq!(h["te"], "trailers", "gRPC needs it");
+        assert_eq!(h["via"], "2 gatehouse");
+        assert!(h.get("host").is_none(), ":authority carries it");
+        // No verified subject: the client's field still never passes.
+        let nobody = crate::conn::ClientSubject {
+            header: "x-client-subject".into(),
+            subject: None,
+        };
+        let fwd = Forwarded {
+            subject: Some(&nobody),
+            ..fwd
+        };
+        let up = upstream_request(&head, &parts.headers, &fwd).unwrap();
+        assert!(up.headers().get("x-client-subject").is_none());
     }
 
     #[test]

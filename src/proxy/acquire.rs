@@ -49,7 +49,7 @@ pub(super) fn pick_request(
     select::Request { hash, sticky }
 }
 
-pub(super) fn server_index(targets: &Targets, server: &Server) -> usize {
+fn server_index(targets: &Targets, server: &Server) -> usize {
     targets
         .servers
         .iter()
@@ -141,6 +141,61 @@ pub(super) async fn acquire<'t>(
         }
     }
     Err(last)
+}
+
+/// Whether a failed try moves on to another server. Only what cannot have been acted on twice
+/// is retried: nothing of a response came (`nothing_read`), and the request is safe to repeat.
+/// A timeout is retried only when a per-try timeout says the server had its chance; without
+/// one the request has used its whole time. Then another server must be left, and the retry
+/// budget must allow it (counted here, so call this only once per failed try).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the facts of one failed try, from the two forwarding loops"
+)]
+pub(super) fn may_retry(
+    upstream: &Upstream,
+    targets: &Targets,
+    pick: select::Request,
+    tried: &mut Tried,
+    server: &Server,
+    kind: UpstreamErrorKind,
+    nothing_read: bool,
+    repeatable: bool,
+    tries: u32,
+) -> bool {
+    let retry = &upstream.retry;
+    let died_before_answering = matches!(
+        kind,
+        UpstreamErrorKind::ClosedEarly | UpstreamErrorKind::Reset
+    ) && nothing_read;
+    let timed_out = kind == UpstreamErrorKind::Timeout && retry.per_try_timeout.is_some();
+    // Only after a stale pooled connection: the fresh one could not even be opened.
+    let not_connected = matches!(
+        kind,
+        UpstreamErrorKind::ConnectRefused
+            | UpstreamErrorKind::ConnectTimeout
+            | UpstreamErrorKind::Connect
+            | UpstreamErrorKind::Tls
+    );
+    let retryable = died_before_answering || timed_out || not_connected;
+    if !(repeatable && retryable) || tries >= retry.attempts {
+        return false;
+    }
+    tried.add(server_index(targets, server));
+    if select::select(upstream, targets, pick, *tried) == Err(NoServer::None) {
+        // No other server to try: the client hears what went wrong with this one.
+        return false;
+    }
+    if !upstream
+        .live
+        .budget
+        .withdraw(retry.budget_min_per_second, now_ms())
+    {
+        upstream.metrics.retries_refused.fetch_add(1, Relaxed);
+        return false;
+    }
+    upstream.metrics.retries.fetch_add(1, Relaxed);
+    true
 }
 
 /// A request tries at most this many servers that refuse or time out its connect.

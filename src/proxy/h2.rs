@@ -4,16 +4,16 @@
 //! Neighbours: `http2::server` spawns `serve_stream` for every stream it accepts;
 //! `http2::translate` gives the HTTP/1.1 view of the request that the router, the balancer and
 //! `http1::write` use, so an HTTP/2 request is routed and forwarded by the rules an HTTP/1.1
-//! one is. Forwarding goes to an HTTP/1.1 upstream (`forward_h1`: pooled connections, the body
-//! framed as chunked unless its length is known, trailers both ways) or to an HTTP/2 one
-//! (`forward_h2`: a stream on a shared connection, both bodies moving at once, as gRPC's
-//! bidirectional calls need).
+//! one is. Forwarding goes to an HTTP/1.1 upstream (`forward_h1` here: pooled connections, the
+//! body framed by its length when known, else chunked, trailers both ways, WebSocket by RFC
+//! 8441) or to an HTTP/2 one (`h2_upstream::forward_h2`: a stream on a shared connection, both
+//! bodies moving at once, as gRPC's bidirectional calls need).
 //!
 //! Flow control is end to end: request DATA is released to the client only once written
 //! upstream, and response bytes are read from the upstream only as the client's window lets
 //! them out, so a slow side slows the other instead of filling memory. A response that cannot
-//! get window for `http2.send_timeout` is reset and its connection closed (zero-window
-//! readers). The phase before a response is raced against the client's RST_STREAM, so a reset
+//! get window for `http2.send_timeout` is reset, and its connection closed when no stream on
+//! it got window either (zero-window readers). The phase before a response is raced against the client's RST_STREAM, so a reset
 //! stream stops costing the upstream anything (Rapid Reset).
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -26,13 +26,12 @@ use h2::{RecvStream, SendStream};
 use http::header::{self, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::acquire::{acquire, open, pick_request, server_failed, server_index};
+use super::acquire::{acquire, may_retry, open, pick_request, server_failed};
 use super::{finish, h2_upstream, relay_error_kind, Exchange, ProxyError, REPLAY_LIMIT};
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
 use crate::config::snapshot::{
-    FixedResponse, Route, RouteAction, Server, Targets, Upstream, UpstreamProtocol,
-    UpstreamTimeouts,
+    FixedResponse, Route, RouteAction, Server, Upstream, UpstreamProtocol, UpstreamTimeouts,
 };
 use crate::deadline;
 use crate::http1::body::{self, Decoded, Decoder, Encoder};
@@ -41,9 +40,9 @@ use crate::http1::response::{self, ResponseHead};
 use crate::http1::write::{self, Forwarded};
 use crate::http1::Framing;
 use crate::http2::server::{ConnShared, StreamGuard};
-use crate::http2::translate;
+use crate::http2::translate::{self, BodyKnown};
 use crate::metrics::UpstreamErrorKind;
-use crate::upstream::select::{self, NoServer, Tried};
+use crate::upstream::select::Tried;
 use crate::upstream::state::{now_ms, now_ns, UpstreamFailure};
 use crate::upstream::{self, UpstreamConn};
 
@@ -68,7 +67,12 @@ pub async fn serve_stream(
         upstream: None,
         upstream_time: None,
     };
-    let head = match translate::request_head(&parts, body.is_end_stream(), &snap.limits) {
+    let known = if body.is_end_stream() {
+        BodyKnown::None
+    } else {
+        BodyKnown::Streaming
+    };
+    let head = match translate::request_head(&parts, known, &snap.limits) {
         Ok(head) => head,
         Err(e) => {
             let err = ProxyError::Head(e);
@@ -88,12 +92,13 @@ pub async fn serve_stream(
                 let upstream = snap.upstream(*id);
                 let s = Stream {
                     head: &head,
-                    headers: &parts.headers,
+                    parts: &parts,
                     route,
                     upstream,
                     shared: &shared,
                     conn,
                     send_timeout: snap.http2.send_timeout,
+                    limits: &snap.limits,
                 };
                 match upstream.protocol {
                     UpstreamProtocol::Http1 => {
@@ -120,12 +125,13 @@ pub async fn serve_stream(
 /// What one forwarded stream works with.
 pub(super) struct Stream<'a> {
     pub(super) head: &'a RequestHead,
-    pub(super) headers: &'a http::HeaderMap,
+    pub(super) parts: &'a http::request::Parts,
     pub(super) route: &'a Route,
     pub(super) upstream: &'a Upstream,
     pub(super) shared: &'a Shared,
     pub(super) conn: &'a ConnShared,
     pub(super) send_timeout: Duration,
+    pub(super) limits: &'a crate::config::snapshot::ConnLimits,
 }
 
 /// A request whose head could not be used is logged as `conn.rs` logs a refused HTTP/1.1 head.
@@ -277,6 +283,45 @@ pub(super) async fn client_reset(respond: &mut SendResponse<Bytes>) {
     let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
 }
 
+/// For a body of unknown length (no content-length, so chunked to an HTTP/1.1 upstream), the
+/// first DATA frame is awaited before anything goes upstream: HTTP/2 clients often send a
+/// small body whole in one frame, or end a GET with an empty one. Such a body then goes with
+/// a Content-Length (or none at all), which every HTTP/1.1 server takes and which lets a GET
+/// be retried; the head for it is returned. Otherwise the frame is handed back to lead the
+/// chunked body. Not with `Expect: 100-continue`, whose client waits for us first.
+async fn first_frame(
+    body: &mut RecvStream,
+    s: &Stream<'_>,
+    ex: &mut Exchange,
+) -> Result<(Option<RequestHead>, Option<Bytes>), ProxyError> {
+    let (head, route) = (s.head, s.route);
+    if head.framing != Framing::Chunked || head.expect_continue {
+        return Ok((None, None));
+    }
+    let first = match deadline::limit(route.client_body_timeout, body.data()).await {
+        Err(_) => return Err(ProxyError::ClientTimeout),
+        Ok(Some(Err(_))) => return Err(ProxyError::ClientGone),
+        Ok(None) => Bytes::new(),
+        Ok(Some(Ok(chunk))) => chunk,
+    };
+    if !body.is_end_stream() {
+        return Ok((None, (!first.is_empty()).then_some(first)));
+    }
+    let n = first.len() as u64;
+    if n > route.max_body_bytes {
+        return Err(ProxyError::BodyTooLarge);
+    }
+    let _ = body.flow_control().release_capacity(first.len());
+    let known = if n == 0 {
+        BodyKnown::None
+    } else {
+        BodyKnown::Whole(n)
+    };
+    let whole = translate::request_head(s.parts, known, s.limits).map_err(ProxyError::Head)?;
+    ex.request_done = true;
+    Ok((Some(whole), (n > 0).then_some(first)))
+}
+
 /// On a `retry_with_body` route, a body of known, modest length is read whole first.
 async fn buffer_body(
     body: &mut RecvStream,
@@ -313,12 +358,14 @@ async fn forward_h1(
     body: &mut RecvStream,
     ex: &mut Exchange,
 ) -> Result<(), ProxyError> {
-    let (head, route, upstream, shared) = (s.head, s.route, s.upstream, s.shared);
-    if let Framing::Length(n) = head.framing {
+    let (route, upstream, shared) = (s.route, s.upstream, s.shared);
+    if let Framing::Length(n) = s.head.framing {
         if n > route.max_body_bytes {
             return Err(ProxyError::BodyTooLarge);
         }
     }
+    let (whole_head, first) = first_frame(body, s, ex).await?;
+    let head = whole_head.as_ref().unwrap_or(s.head);
     let timeouts = route.upstream_timeouts.unwrap_or(upstream.timeouts);
     let targets = upstream.targets.load_full();
     let pick = pick_request(upstream, head, s.conn.peer);
@@ -327,9 +374,14 @@ async fn forward_h1(
         *cont.status_mut() = http::StatusCode::CONTINUE;
         let _ = respond.send_informational(cont);
     }
-    let replay = buffer_body(body, head, route, ex).await?;
+    // A body that came whole in its first frame is sent with the head, as a replayable one
+    // is; the rest stream.
+    let (replay, first) = match (whole_head.is_some(), first) {
+        (true, whole) => (whole, None),
+        (false, first) => (buffer_body(body, head, route, ex).await?, first),
+    };
     let repeatable = if head.has_body() {
-        replay.is_some()
+        replay.is_some() && route.retry_with_body
     } else {
         route.retry_with_body || head.method.is_idempotent()
     };
@@ -374,6 +426,8 @@ async fn forward_h1(
                 outcome = round_trip_h1(
                     body,
                     s,
+                    head,
+                    first.clone(),
                     &mut conn,
                     &mut out,
                     &mut up_buf,
@@ -444,9 +498,9 @@ async fn forward_h1(
                 server,
                 kind,
                 up_buf.is_empty(),
-            ) || !repeatable
-                || tries >= retry.attempts
-            {
+                repeatable,
+                tries,
+            ) {
                 return Err(ProxyError::Upstream(kind));
             }
             up_buf.clear();
@@ -639,48 +693,6 @@ async fn tunnel_h2<U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     }
 }
 
-/// Whether a failed try moves on to another server (the rules of `proxy::forward`): nothing
-/// of a response came, another server is left, and the retry budget allows it.
-fn may_retry(
-    upstream: &Upstream,
-    targets: &Targets,
-    pick: select::Request,
-    tried: &mut Tried,
-    server: &Server,
-    kind: UpstreamErrorKind,
-    nothing_read: bool,
-) -> bool {
-    let retry = &upstream.retry;
-    let died_before_answering = matches!(
-        kind,
-        UpstreamErrorKind::ClosedEarly | UpstreamErrorKind::Reset
-    ) && nothing_read;
-    let timed_out = kind == UpstreamErrorKind::Timeout && retry.per_try_timeout.is_some();
-    let not_connected = matches!(
-        kind,
-        UpstreamErrorKind::ConnectRefused
-            | UpstreamErrorKind::ConnectTimeout
-            | UpstreamErrorKind::Connect
-    );
-    if !(died_before_answering || timed_out || not_connected) {
-        return false;
-    }
-    tried.add(server_index(targets, server));
-    if select::select(upstream, targets, pick, *tried) == Err(NoServer::None) {
-        return false;
-    }
-    if !upstream
-        .live
-        .budget
-        .withdraw(retry.budget_min_per_second, now_ms())
-    {
-        upstream.metrics.retries_refused.fetch_add(1, Relaxed);
-        return false;
-    }
-    upstream.metrics.retries.fetch_add(1, Relaxed);
-    true
-}
-
 pub(super) fn sticky_cookie(
     res: &mut http::Response<()>,
     upstream: &Upstream,
@@ -710,6 +722,8 @@ pub(super) fn sticky_cookie(
 async fn round_trip_h1(
     body: &mut RecvStream,
     s: &Stream<'_>,
+    head: &RequestHead,
+    first: Option<Bytes>,
     conn: &mut UpstreamConn,
     out: &mut Vec<u8>,
     up_buf: &mut BytesMut,
@@ -718,7 +732,6 @@ async fn round_trip_h1(
     header_timeout: Duration,
     ex: &mut Exchange,
 ) -> Result<ResponseHead, ProxyError> {
-    let head = s.head;
     let written = match replay {
         Some(b) => {
             let mut bufs = [std::io::IoSlice::new(out), std::io::IoSlice::new(b)];
@@ -732,7 +745,7 @@ async fn round_trip_h1(
             deadline::limit(timeouts.write, conn.stream.write_all(out)).await
         }
         None => {
-            upload_h1(body, s, conn, out, timeouts.write).await?;
+            upload_h1(body, s, head, first, conn, out, timeouts.write).await?;
             ex.request_done = true;
             Ok(Ok(()))
         }
@@ -781,11 +794,13 @@ async fn round_trip_h1(
 async fn upload_h1(
     body: &mut RecvStream,
     s: &Stream<'_>,
+    head: &RequestHead,
+    first: Option<Bytes>,
     conn: &mut UpstreamConn,
     out: &mut Vec<u8>,
     write_timeout: Duration,
 ) -> Result<(), ProxyError> {
-    let (head, route) = (s.head, s.route);
+    let route = s.route;
     let encoder = Encoder::new(head.framing);
     let write_err = |e: Result<std::io::Result<()>, deadline::Elapsed>| match e {
         Ok(Ok(())) => Ok(()),
@@ -793,8 +808,13 @@ async fn upload_h1(
         Err(_) => Err(ProxyError::Upstream(UpstreamErrorKind::Timeout)),
     };
     let mut total = 0u64;
+    let mut first = first;
     loop {
-        match deadline::limit(route.client_body_timeout, body.data()).await {
+        let next = match first.take() {
+            Some(chunk) => Ok(Some(Ok(chunk))),
+            None => deadline::limit(route.client_body_timeout, body.data()).await,
+        };
+        match next {
             Err(_) => return Err(ProxyError::ClientTimeout),
             Ok(None) => break,
             Ok(Some(Err(_))) => return Err(ProxyError::ClientGone),

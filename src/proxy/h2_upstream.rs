@@ -265,7 +265,7 @@ pub(super) async fn forward_h2(
     };
     let request = translate::upstream_request(
         head,
-        s.headers,
+        &s.parts.headers,
         &translate::Forwarded {
             client_ip: &s.conn.peer_ip,
             https: s.conn.tls,

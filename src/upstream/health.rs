@@ -124,12 +124,13 @@ pub async fn run(upstream: Arc<Upstream>, stop: CancellationToken) {
             // Probes go the way requests go: over TLS when the upstream has it.
             let tls = upstream.tls.clone();
             let host_name = server.host_name.clone();
+            let http2 = upstream.protocol.is_http2();
             probes.spawn(async move {
                 let dial = Dial {
                     tls: tls.as_deref(),
                     host_name: host_name.as_deref(),
                 };
-                (i, probe(address, &check, dial).await)
+                (i, probe_with(address, &check, dial, http2).await)
             });
         }
         // Dropping the set on `stop` aborts the probes still running.
@@ -188,11 +189,22 @@ fn record(
     }
 }
 
-/// One check of the server at `addr`, bounded as a whole by `check.timeout`.
+/// One check of the server at `addr`, bounded as a whole by `check.timeout`, over HTTP/1.1.
 pub async fn probe(
     addr: SocketAddr,
     check: &HealthCheckSettings,
     dial: Dial<'_>,
+) -> Result<(), ProbeFailure> {
+    probe_with(addr, check, dial, false).await
+}
+
+/// One check; with `http2`, an HTTP check is a GET on an HTTP/2 connection of its own (the
+/// upstream's `protocol` is h2c or h2), as the requests to it are.
+pub async fn probe_with(
+    addr: SocketAddr,
+    check: &HealthCheckSettings,
+    dial: Dial<'_>,
+    http2: bool,
 ) -> Result<(), ProbeFailure> {
     let deadline = Instant::now() + check.timeout;
     let stream = super::connect(addr, check.timeout, dial)
@@ -210,6 +222,17 @@ pub async fn probe(
                 Some(h) => h.clone(),
                 None => addr.to_string(),
             };
+            if http2 {
+                return match tokio::time::timeout_at(
+                    deadline,
+                    exchange_h2(stream, &host, path, expect),
+                )
+                .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(ProbeFailure::Timeout),
+                };
+            }
             let request = format!(
                 "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: gatehouse-health-check\r\nConnection: close\r\n\r\n"
             );
@@ -252,6 +275,47 @@ async fn exchange(
         buf.reserve(room);
         let n = read_some(&mut stream, &mut buf, room).await?;
         read_total += n;
+    }
+}
+
+/// The check over HTTP/2: handshake, one GET with END_STREAM, the status of its response
+/// head judged; the connection is dropped at once (no GOAWAY is owed to a server we leave).
+async fn exchange_h2(
+    stream: UpstreamStream,
+    host: &str,
+    path: &str,
+    expect: &StatusSet,
+) -> Result<(), ProbeFailure> {
+    let handshake = h2::client::Builder::new()
+        .max_header_list_size(u32::try_from(MAX_CHECK_HEAD).unwrap_or(u32::MAX))
+        .handshake::<_, bytes::Bytes>(stream);
+    let (send, connection) = handshake
+        .await
+        .map_err(|_| ProbeFailure::BadResponse("HTTP/2 handshake failed"))?;
+    let ask = async {
+        let mut send = send.ready().await.map_err(|_| ProbeFailure::Closed)?;
+        let request = http::Request::get(format!("http://{host}{path}"))
+            .header("user-agent", "gatehouse-health-check")
+            .body(())
+            .map_err(|_| ProbeFailure::BadResponse("invalid health check request"))?;
+        let (response, _) = send
+            .send_request(request, true)
+            .map_err(|_| ProbeFailure::Closed)?;
+        let status = response
+            .await
+            .map_err(|_| ProbeFailure::Closed)?
+            .status()
+            .as_u16();
+        if expect.contains(status) {
+            Ok(())
+        } else {
+            Err(ProbeFailure::Status(status))
+        }
+    };
+    tokio::select! {
+        judged = ask => judged,
+        // The connection must be driven for the request to move; it ending first is a close.
+        _ = connection => Err(ProbeFailure::Closed),
     }
 }
 

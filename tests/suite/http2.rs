@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::h2::{self as h2s, TestCert, H2C_CONFIG};
-use crate::support::http_upstream::HttpUpstream;
+use crate::support::http_upstream::{self, HttpUpstream};
 use crate::support::{self, body, route_toml, upstream_toml, within, Echo, Proxy};
 
 async fn h2c_proxy(upstream: std::net::SocketAddr, extra: &str) -> Proxy {
@@ -538,4 +538,107 @@ async fn curl_and_h2load_speak_http2_to_gatehouse() {
             "{out}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_body_that_arrives_whole_is_sent_with_a_length_and_an_empty_one_without() {
+    let up = HttpUpstream::echo().await;
+    let proxy = h2c_proxy(up.addr(), "").await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let echo = |res: http::Response<h2::RecvStream>| async move {
+        assert_eq!(res.status(), 200);
+        let mut body = res.into_body();
+        let mut text = Vec::new();
+        while let Some(chunk) = within("body", body.data()).await {
+            text.extend_from_slice(&chunk.unwrap());
+        }
+        Echo::parse(std::str::from_utf8(&text).unwrap())
+    };
+    // One DATA frame with END_STREAM, no content-length.
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://a/whole")
+        .body(())
+        .unwrap();
+    let (res, mut body) = send.send_request(req, false).unwrap();
+    body.send_data(Bytes::from_static(b"hello"), true).unwrap();
+    let e = echo(within("response", res).await.unwrap()).await;
+    assert_eq!(e.header("content-length"), Some("5"), "{}", e.raw);
+    assert_eq!(e.header("transfer-encoding"), None);
+    assert_eq!(e.body_len, 5);
+    // A GET whose HEADERS did not end the stream, ended by an empty DATA frame.
+    let req = http::Request::builder()
+        .uri("http://a/get")
+        .body(())
+        .unwrap();
+    let (res, mut body) = send.send_request(req, false).unwrap();
+    body.send_data(Bytes::new(), true).unwrap();
+    let e = echo(within("response", res).await.unwrap()).await;
+    assert_eq!(e.header("content-length"), None, "{}", e.raw);
+    assert_eq!(e.header("transfer-encoding"), None, "{}", e.raw);
+}
+
+#[tokio::test]
+async fn limits_and_bodiless_responses_hold_over_http2() {
+    let up = HttpUpstream::start(|req: hyper::Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/not-modified" {
+            return hyper::Response::builder()
+                .status(304)
+                .header("etag", "\"x\"")
+                .body(BodyExt::boxed(
+                    http_body_util::Empty::new().map_err(|never| match never {}),
+                ))
+                .unwrap();
+        }
+        http_upstream::text_response(200, "twelve bytes")
+    })
+    .await;
+    let dead = support::closed_port();
+    let proxy = Proxy::start_toml(&format!(
+        "{H2C_CONFIG}[limits]\nmax_body_bytes = 1000\nmax_header_bytes = \"4KiB\"\n\n\
+         [upstream.app]\nservers = [\"{dead}\", \"{}\"]\n\n{}",
+        up.addr(),
+        route_toml("/", "app")
+    ))
+    .await;
+    let mut client = h2s::h2c_client(proxy.addr()).await;
+    // HEAD: the upstream's Content-Length describes the representation, no body follows.
+    let req = Request::builder()
+        .method("HEAD")
+        .uri("http://a/head")
+        .body(h2s::empty())
+        .unwrap();
+    let (status, headers, body, _) = h2s::send(&mut client, req).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("content-length").unwrap(), "12");
+    assert!(body.is_empty());
+    let (status, headers, body, _) =
+        h2s::send(&mut client, h2s::get("http://a/not-modified")).await;
+    assert_eq!(status, 304);
+    assert_eq!(headers.get("etag").unwrap(), "\"x\"");
+    assert!(body.is_empty());
+    // The dead server is skipped: every GET lands on the live one.
+    for i in 0..6 {
+        let (status, _, body, _) = h2s::send(&mut client, h2s::get(&format!("http://a/{i}"))).await;
+        assert_eq!((status.as_u16(), &body[..]), (200, &b"twelve bytes"[..]));
+    }
+    // A body over the route's limit: 413.
+    let req = Request::builder()
+        .method("POST")
+        .uri("http://a/big")
+        .body(h2s::full(vec![b'x'; 5000]))
+        .unwrap();
+    let (status, _, _, _) = h2s::send(&mut client, req).await;
+    assert_eq!(status, 413);
+    // Header fields over [limits] max_header_bytes (but under http2.max_header_list_size): 431.
+    let req = Request::builder()
+        .uri("http://a/")
+        .header("x-big", "v".repeat(6000))
+        .body(h2s::empty())
+        .unwrap();
+    let (status, _, _, _) = h2s::send(&mut client, req).await;
+    assert_eq!(status, 431);
 }

@@ -372,3 +372,37 @@ async fn a_paused_stream_is_reset_but_a_connection_that_reads_others_stays() {
     let (res, _) = send.send_request(get("/after"), true).unwrap();
     assert_eq!(support::within("after", res).await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn streams_past_max_concurrent_streams_are_refused() {
+    let backend = Backend::start("b").await;
+    backend.set_mode(Mode::Hang);
+    let proxy = proxy_for(backend.addr(), "max_concurrent_streams = 2\n").await;
+    let mut attack = frames::preface();
+    for id in [1, 3, 5] {
+        attack.extend(headers_get(id, "/held"));
+    }
+    let mut tcp = TcpStream::connect(proxy.addr()).await.unwrap();
+    tcp.write_all(&attack).await.unwrap();
+    // RFC 9113 §5.1.2: a stream over the announced limit is refused (REFUSED_STREAM, 0x7),
+    // so the client knows it was never processed and may retry it.
+    let seen = h2s::read_frames(&mut tcp, STOPPED_WITHIN, |f| {
+        f.iter().any(|f| f.kind == frames::RST_STREAM)
+    })
+    .await;
+    let reset: Vec<_> = seen
+        .frames
+        .iter()
+        .filter(|f| f.kind == frames::RST_STREAM)
+        .collect();
+    assert_eq!(reset.len(), 1, "{:?}", seen.frames);
+    assert_eq!((reset[0].stream, reset[0].code), (5, Some(0x7)));
+    backend.wait_until(|b| b.requests() >= 2).await;
+    assert_eq!(
+        backend.requests(),
+        2,
+        "only the two admitted streams reached the backend"
+    );
+    backend.set_mode(Mode::Ok);
+    still_serves(&proxy).await;
+}

@@ -272,3 +272,54 @@ async fn an_unused_upstream_connection_is_closed_after_its_idle_timeout() {
     assert_eq!(status, 200);
     assert_eq!(up.connections(), 2);
 }
+
+#[tokio::test]
+async fn http_health_checks_of_an_h2c_upstream_speak_http2() {
+    // One server answers its health path, the other fails it; only the first takes requests.
+    let good = H2Upstream::start(|_req| async {
+        crate::support::http_upstream::text_response(200, "good")
+    })
+    .await;
+    let bad = H2Upstream::start(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let status = if req.uri().path() == "/healthz" {
+            503
+        } else {
+            200
+        };
+        crate::support::http_upstream::text_response(status, "bad")
+    })
+    .await;
+    let proxy = Proxy::start_toml(&format!(
+        "{H2C_CONFIG}[upstream.app]\nservers = [\"{}\", \"{}\"]\nprotocol = \"h2c\"\n\
+         health_check = {{ path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\", fall = 1, rise = 1 }}\n\n{}",
+        good.addr(),
+        bad.addr(),
+        route_toml("/", "app")
+    ))
+    .await;
+    let down = support::poll_until(support::STEP_TIMEOUT, || async {
+        let (_, body) = proxy.admin_get("/upstreams").await;
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let servers = json["upstreams"][0]["servers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let state = |addr: std::net::SocketAddr| {
+            servers
+                .iter()
+                .find(|s| s["address"] == addr.to_string())
+                .map(|s| s["state"].as_str().unwrap_or_default().to_owned())
+        };
+        (state(bad.addr()).as_deref() == Some("unhealthy")
+            && state(good.addr()).as_deref() == Some("healthy"))
+        .then_some(())
+    })
+    .await;
+    assert!(down.is_some(), "the checks never told the servers apart");
+    let mut client = h2s::h2c_client(proxy.addr()).await;
+    for _ in 0..6 {
+        let (status, _, body, _) = h2s::send(&mut client, h2s::get("http://a/")).await;
+        assert_eq!((status.as_u16(), &body[..]), (200, &b"good"[..]));
+    }
+    assert!(bad.requests() >= 1, "the bad server was checked");
+}

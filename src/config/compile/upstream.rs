@@ -189,7 +189,6 @@ impl Checker<'_> {
                 .map_or(defaults::MAX_PENDING, |m| u32::try_from(m).unwrap_or(0)),
             timeout: self.duration(queue_timeout, defaults::QUEUE_TIMEOUT),
         };
-        let health_span = health_check.as_ref().map(|h| h.span());
         let health_check = health_check.map(|h| self.health_check(h));
         let outlier = self.outlier(outlier.unwrap_or_default());
         let retry = self.retry(retry.unwrap_or_default(), &timeouts);
@@ -220,14 +219,6 @@ impl Checker<'_> {
             }
             (_, t) => t.and_then(|t| self.upstream_tls(t, protocol)),
         };
-        if let (true, Some(h)) = (protocol.is_http2(), &health_check) {
-            if !matches!(h.kind, HealthCheckKind::Tcp) {
-                self.report(
-                    health_span.clone().unwrap_or_else(|| servers_span.clone()),
-                    "HTTP health checks speak HTTP/1.1, which an HTTP/2 upstream may not: use health_check = { type = \"tcp\" } (with protocol = \"h2\" it checks the TLS handshake too)",
-                );
-            }
-        }
         Upstream {
             targets: ArcSwap::from_pointee(Targets::empty(&balance.algorithm)),
             name,
