@@ -31,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use error::ProxyError;
 
-use acquire::{acquire, may_retry, open, pick_request, server_failed};
+use acquire::{acquire, answered, may_retry, pick_request, reopen, server_failed, stale_pooled};
 
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
@@ -45,7 +45,7 @@ use crate::http1::write::{self, Forwarded, Persistence};
 use crate::http1::{Framing, Version};
 use crate::metrics::UpstreamErrorKind;
 use crate::upstream::select::Tried;
-use crate::upstream::state::{now_ns, UpstreamFailure};
+use crate::upstream::state::UpstreamFailure;
 use crate::upstream::{self, UpstreamConn};
 
 /// What `handle` tells the connection loop.
@@ -274,13 +274,7 @@ async fn forward(
                 ex,
             )
             .await;
-            let stale = matches!(
-                outcome,
-                Err(ProxyError::Upstream(
-                    UpstreamErrorKind::ClosedEarly | UpstreamErrorKind::Reset
-                ))
-            ) && conn.reused
-                && up_buf.is_empty();
+            let stale = stale_pooled(&outcome, &conn, up_buf.is_empty());
             if !(stale && repeatable && !fresh_retry_done) {
                 break;
             }
@@ -288,11 +282,8 @@ async fn forward(
             // timeout or a partial response is not retried this way, the server may be
             // working on it.
             fresh_retry_done = true;
-            if let Err(ProxyError::Upstream(kind)) = outcome {
-                upstream.metrics.error(kind);
-            }
             up_buf.clear();
-            match open(upstream, server, timeouts.connect).await {
+            match reopen(upstream, server, timeouts.connect, &outcome).await {
                 Ok(c) => conn = c,
                 Err(kind) => {
                     outcome = Err(ProxyError::Upstream(kind));
@@ -304,17 +295,7 @@ async fn forward(
         let kind = match outcome {
             Ok(response) => {
                 let rtt = try_started.elapsed();
-                if response.status >= 500 && upstream.outlier.count_5xx {
-                    server_failed(
-                        upstream,
-                        &targets,
-                        server,
-                        UpstreamFailure::Status(response.status),
-                        rtt,
-                    );
-                } else {
-                    server.state.record_success(rtt, now_ns());
-                }
+                answered(upstream, &targets, server, response.status, rtt);
                 break (server, conn, in_flight, response);
             }
             Err(ProxyError::Upstream(kind)) => kind,

@@ -57,6 +57,62 @@ fn server_index(targets: &Targets, server: &Server) -> usize {
         .unwrap_or(usize::MAX)
 }
 
+/// Whether a try that failed this way deserves the same request once more, on a fresh
+/// connection to the same server: a pooled connection the server had closed while it idled (it
+/// died before sending a byte of a response). Not the server's fault, a keep-alive race; a
+/// timeout or a partial response is not retried this way, the server may be working on it.
+pub(super) fn stale_pooled<T>(
+    outcome: &Result<T, ProxyError>,
+    conn: &UpstreamConn,
+    nothing_read: bool,
+) -> bool {
+    matches!(
+        outcome,
+        Err(ProxyError::Upstream(
+            UpstreamErrorKind::ClosedEarly | UpstreamErrorKind::Reset
+        ))
+    ) && conn.reused
+        && nothing_read
+}
+
+/// Replaces a stale pooled connection with a fresh one; the stale one's error is counted here,
+/// a failed connect by `open`.
+pub(super) async fn reopen<T>(
+    upstream: &Upstream,
+    server: &Server,
+    connect_timeout: Duration,
+    stale: &Result<T, ProxyError>,
+) -> Result<UpstreamConn, UpstreamErrorKind> {
+    if let Err(ProxyError::Upstream(kind)) = stale {
+        upstream.metrics.error(*kind);
+    }
+    open(upstream, server, connect_timeout).await
+}
+
+/// Records an answer from `server` for passive health and latency: a 5xx counts as a failure
+/// when the upstream says so, anything else as a success taking `rtt`.
+pub(super) fn answered(
+    upstream: &Upstream,
+    targets: &Targets,
+    server: &Server,
+    status: u16,
+    rtt: Duration,
+) {
+    if status >= 500 && upstream.outlier.count_5xx {
+        server_failed(
+            upstream,
+            targets,
+            server,
+            UpstreamFailure::Status(status),
+            rtt,
+        );
+    } else {
+        server
+            .state
+            .record_success(rtt, crate::upstream::state::now_ns());
+    }
+}
+
 /// Counts a failure against `server` for passive health, ejecting it when that is due.
 pub(super) fn server_failed(
     upstream: &Upstream,

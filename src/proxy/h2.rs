@@ -26,7 +26,9 @@ use h2::{RecvStream, SendStream};
 use http::header::{self, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::acquire::{acquire, may_retry, open, pick_request, server_failed};
+use super::acquire::{
+    acquire, answered, may_retry, pick_request, reopen, server_failed, stale_pooled,
+};
 use super::{finish, h2_upstream, relay_error_kind, Exchange, ProxyError, REPLAY_LIMIT};
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
@@ -43,7 +45,7 @@ use crate::http2::server::{ConnShared, StreamGuard};
 use crate::http2::translate::{self, BodyKnown};
 use crate::metrics::UpstreamErrorKind;
 use crate::upstream::select::Tried;
-use crate::upstream::state::{now_ms, now_ns, UpstreamFailure};
+use crate::upstream::state::{now_ms, UpstreamFailure};
 use crate::upstream::{self, UpstreamConn};
 
 /// Serves one stream to its end.
@@ -437,22 +439,13 @@ async fn forward_h1(
                     ex,
                 )
                 .await;
-                let stale = matches!(
-                    outcome,
-                    Err(ProxyError::Upstream(
-                        UpstreamErrorKind::ClosedEarly | UpstreamErrorKind::Reset
-                    ))
-                ) && conn.reused
-                    && up_buf.is_empty();
+                let stale = stale_pooled(&outcome, &conn, up_buf.is_empty());
                 if !(stale && repeatable && !fresh_retry_done) {
                     break;
                 }
                 fresh_retry_done = true;
-                if let Err(ProxyError::Upstream(kind)) = outcome {
-                    upstream.metrics.error(kind);
-                }
                 up_buf.clear();
-                match open(upstream, server, timeouts.connect).await {
+                match reopen(upstream, server, timeouts.connect, &outcome).await {
                     Ok(c) => conn = c,
                     Err(kind) => {
                         outcome = Err(ProxyError::Upstream(kind));
@@ -464,17 +457,7 @@ async fn forward_h1(
             let kind = match outcome {
                 Ok(response) => {
                     let rtt = try_started.elapsed();
-                    if response.status >= 500 && upstream.outlier.count_5xx {
-                        server_failed(
-                            upstream,
-                            &targets,
-                            server,
-                            UpstreamFailure::Status(response.status),
-                            rtt,
-                        );
-                    } else {
-                        server.state.record_success(rtt, now_ns());
-                    }
+                    answered(upstream, &targets, server, response.status, rtt);
                     return Ok((server, conn, in_flight, response));
                 }
                 Err(ProxyError::Upstream(kind)) => kind,
