@@ -31,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use error::ProxyError;
 
-use acquire::{acquire, answered, may_retry, pick_request, reopen, server_failed, stale_pooled};
+use acquire::{acquire, answered, may_retry, pick_request, reopen, stale_pooled, try_failed};
 
 use crate::access_log::AccessEntry;
 use crate::app::Shared;
@@ -45,7 +45,6 @@ use crate::http1::write::{self, Forwarded, Persistence};
 use crate::http1::{Framing, Version};
 use crate::metrics::UpstreamErrorKind;
 use crate::upstream::select::Tried;
-use crate::upstream::state::UpstreamFailure;
 use crate::upstream::{self, UpstreamConn};
 
 /// What `handle` tells the connection loop.
@@ -301,14 +300,12 @@ async fn forward(
             Err(ProxyError::Upstream(kind)) => kind,
             Err(other) => return Err(other),
         };
-        if !counted {
-            upstream.metrics.error(kind);
-        }
-        server_failed(
+        try_failed(
             upstream,
             &targets,
             server,
-            UpstreamFailure::Io(kind),
+            kind,
+            counted,
             try_started.elapsed(),
         );
         if !may_retry(

@@ -113,6 +113,22 @@ pub(super) fn answered(
     }
 }
 
+/// Records a try that failed with `kind` after the connection was made: in the upstream's
+/// error counts (unless `open` already counted it) and against the server.
+pub(super) fn try_failed(
+    upstream: &Upstream,
+    targets: &Targets,
+    server: &Server,
+    kind: UpstreamErrorKind,
+    counted: bool,
+    took: Duration,
+) {
+    if !counted {
+        upstream.metrics.error(kind);
+    }
+    server_failed(upstream, targets, server, UpstreamFailure::Io(kind), took);
+}
+
 /// Counts a failure against `server` for passive health, ejecting it when that is due.
 pub(super) fn server_failed(
     upstream: &Upstream,

@@ -27,7 +27,7 @@ use http::header::{self, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::acquire::{
-    acquire, answered, may_retry, pick_request, reopen, server_failed, stale_pooled,
+    acquire, answered, may_retry, pick_request, reopen, stale_pooled, try_failed,
 };
 use super::{finish, h2_upstream, relay_error_kind, Exchange, ProxyError, REPLAY_LIMIT};
 use crate::access_log::AccessEntry;
@@ -45,7 +45,7 @@ use crate::http2::server::{ConnShared, StreamGuard};
 use crate::http2::translate::{self, BodyKnown};
 use crate::metrics::UpstreamErrorKind;
 use crate::upstream::select::Tried;
-use crate::upstream::state::{now_ms, UpstreamFailure};
+use crate::upstream::state::now_ms;
 use crate::upstream::{self, UpstreamConn};
 
 /// Serves one stream to its end.
@@ -463,14 +463,12 @@ async fn forward_h1(
                 Err(ProxyError::Upstream(kind)) => kind,
                 Err(other) => return Err(other),
             };
-            if !counted {
-                upstream.metrics.error(kind);
-            }
-            server_failed(
+            try_failed(
                 upstream,
                 &targets,
                 server,
-                UpstreamFailure::Io(kind),
+                kind,
+                counted,
                 try_started.elapsed(),
             );
             if !may_retry(
