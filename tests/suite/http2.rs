@@ -502,7 +502,7 @@ async fn curl_and_h2load_speak_http2_to_gatehouse() {
             "20".into(),
             "--http2".into(),
             "--cacert".into(),
-            cert.cert_path.clone(),
+            cert.ca_path.clone(),
             "--resolve".into(),
             format!("localhost:{}:127.0.0.1", tls.port()),
             "-w".into(),

@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use super::certs::TestCa;
 use super::http_upstream::Body;
 
 /// `BASE_CONFIG` with `http2 = true` on the `web` listener: h2c by prior knowledge beside
@@ -87,18 +88,8 @@ pub async fn tls_connect(
     cert: &TestCert,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from(cert.der.clone()))
-        .expect("the test certificate as a root");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let config = cert.ca.client(alpn);
+    let connector = tokio_rustls::TlsConnector::from(config);
     let tcp = TcpStream::connect(addr)
         .await
         .expect("connecting to the proxy");
@@ -106,28 +97,25 @@ pub async fn tls_connect(
     connector.connect(name, tcp).await.expect("TLS handshake")
 }
 
-/// A self-signed certificate for `localhost`, written to a temp dir.
+/// A certificate for `localhost` from a test CA (`support::certs`), as files a listener's
+/// `tls` names.
 pub struct TestCert {
     pub cert_path: String,
     pub key_path: String,
-    pub der: Vec<u8>,
-    _dir: tempfile::TempDir,
+    /// The CA's certificate file, for clients such as `curl --cacert`.
+    pub ca_path: String,
+    ca: TestCa,
 }
 
 impl TestCert {
     pub fn localhost() -> TestCert {
-        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
-            .expect("a test certificate");
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let cert_path = dir.path().join("cert.pem");
-        let key_path = dir.path().join("key.pem");
-        std::fs::write(&cert_path, made.cert.pem()).expect("writing the certificate");
-        std::fs::write(&key_path, made.signing_key.serialize_pem()).expect("writing the key");
+        let ca = TestCa::new();
+        let leaf = ca.leaf("localhost", &["localhost"]);
         TestCert {
-            cert_path: cert_path.display().to_string(),
-            key_path: key_path.display().to_string(),
-            der: made.cert.der().to_vec(),
-            _dir: dir,
+            cert_path: leaf.cert.display().to_string(),
+            key_path: leaf.key.display().to_string(),
+            ca_path: ca.pem_file().display().to_string(),
+            ca,
         }
     }
 
