@@ -148,20 +148,26 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>, stop: Cancellatio
         let stop = stop.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = serve(stream, &inner) => {}
+                biased;
                 () = stop.cancelled() => {}
+                () = serve(stream, &inner, &stop) => {}
             }
         });
     }
 }
 
-/// Serves requests on one connection until it closes or a mode ends it.
-async fn serve(mut stream: TcpStream, inner: &Inner) {
+/// Serves requests on one connection until it closes, a mode ends it, or `stop`.
+async fn serve(mut stream: TcpStream, inner: &Inner, stop: &CancellationToken) {
     let mut buf = Vec::with_capacity(4096);
     loop {
         let Some((head_len, body_len, is_post)) = read_request(&mut stream, &mut buf).await else {
             return;
         };
+        // `kill` returns before this task has seen the cancellation: a request read after it
+        // must not be answered, or a killed server would still serve what was sent to it.
+        if stop.is_cancelled() {
+            return;
+        }
         buf.drain(..head_len + body_len);
         inner.requests.fetch_add(1, SeqCst);
         if is_post {
