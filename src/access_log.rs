@@ -39,6 +39,8 @@ pub struct AccessEntry {
     pub method: Bytes,
     /// The request target as received (path and query).
     pub target: Bytes,
+    /// `"HTTP/1.1"`, `"HTTP/1.0"`, `"HTTP/2.0"`; empty when the request line was not understood.
+    pub protocol: &'static str,
     pub host: Bytes,
     pub status: u16,
     /// Response body bytes sent to the client.
@@ -178,7 +180,8 @@ fn note_result(result: io::Result<()>, failing: &mut bool) {
 }
 
 /// Appends one text line (with its `\n`) in a combined-log-like layout:
-/// `client - - [date] "METHOD target" status bytes host=".." route=".." upstream=.. upstream_time=.. duration=..`.
+/// `client - - [date] "METHOD target PROTOCOL" status bytes host=".." route=".." upstream=..
+/// upstream_time=.. duration=..`.
 pub fn format_text(entry: &AccessEntry, out: &mut Vec<u8>) {
     // Writing into a Vec cannot fail, so the io::Results below carry nothing.
     let _ = write!(out, "{} - - [", entry.client);
@@ -196,6 +199,10 @@ pub fn format_text(entry: &AccessEntry, out: &mut Vec<u8>) {
     escape_bytes(&entry.method, out);
     out.push(b' ');
     escape_bytes(&entry.target, out);
+    if !entry.protocol.is_empty() {
+        out.push(b' ');
+        out.extend_from_slice(entry.protocol.as_bytes());
+    }
     let _ = write!(out, "\" {} {} host=", entry.status, entry.bytes_sent);
     if entry.host.is_empty() {
         out.push(b'-');
@@ -255,6 +262,7 @@ struct JsonLine<'a> {
     client: String,
     method: Cow<'a, str>,
     target: Cow<'a, str>,
+    protocol: &'a str,
     host: Cow<'a, str>,
     status: u16,
     bytes_sent: u64,
@@ -272,6 +280,7 @@ pub fn format_json(entry: &AccessEntry, out: &mut Vec<u8>) {
         client: entry.client.to_string(),
         method: String::from_utf8_lossy(&entry.method),
         target: String::from_utf8_lossy(&entry.target),
+        protocol: entry.protocol,
         host: String::from_utf8_lossy(&entry.host),
         status: entry.status,
         bytes_sent: entry.bytes_sent,
@@ -361,6 +370,7 @@ mod tests {
             client: "127.0.0.1:50312".parse().unwrap(),
             method: Bytes::from_static(b"GET"),
             target: Bytes::from_static(b"/api/x?y=1"),
+            protocol: "HTTP/1.1",
             host: Bytes::from_static(b"app.example.com"),
             status: 200,
             bytes_sent: 1234,
@@ -423,7 +433,7 @@ mod tests {
     fn text_line() {
         assert_eq!(
             text(&sample()),
-            "127.0.0.1:50312 - - [24/Nov/2026:13:55:36 +0000] \"GET /api/x?y=1\" 200 1234 \
+            "127.0.0.1:50312 - - [24/Nov/2026:13:55:36 +0000] \"GET /api/x?y=1 HTTP/1.1\" 200 1234 \
              host=\"app.example.com\" route=\"api\" upstream=127.0.0.1:9000 upstream_time=0.002 \
              duration=0.003\n"
         );
@@ -455,7 +465,7 @@ mod tests {
         let line = text(&entry);
         assert_eq!(line.matches('\n').count(), 1);
         assert!(line.contains(
-            "\"G\\x22ET /a\\x22 200 1\\x0a127.0.0.2 \\x5cx \\xff\" 200 1234 host=\"h\\x0d\\x0a\""
+            "\"G\\x22ET /a\\x22 200 1\\x0a127.0.0.2 \\x5cx \\xff HTTP/1.1\" 200 1234 host=\"h\\x0d\\x0a\""
         ));
     }
 
@@ -472,6 +482,7 @@ mod tests {
                 "client": "127.0.0.1:50312",
                 "method": "GET",
                 "target": "/api/x?y=1",
+                "protocol": "HTTP/1.1",
                 "host": "app.example.com",
                 "status": 200,
                 "bytes_sent": 1234,

@@ -410,6 +410,7 @@ async fn refuse(client: &mut Client, err: ProxyError, shared: &Shared) {
             client: client.peer,
             method: bytes::Bytes::new(),
             target: bytes::Bytes::new(),
+            protocol: "",
             host: bytes::Bytes::new(),
             status,
             bytes_sent: body.len() as u64,

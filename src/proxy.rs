@@ -105,7 +105,15 @@ pub async fn handle(
         }
         tracing::debug!(client = %client.peer, status = ex.status, error = %err, "request failed");
     }
-    finish(client.peer, head, route.map(|r| &**r), shared, &ex, started);
+    finish(
+        client.peer,
+        head.version.as_str(),
+        head,
+        route.map(|r| &**r),
+        shared,
+        &ex,
+        started,
+    );
     // What the response said decides, not whether a drain began meanwhile: a client told the
     // connection persists may already be sending its next request on it, and closing now would
     // fail that request. The next response says `Connection: close` instead (`plan_response`),
@@ -645,6 +653,7 @@ async fn send_error(client: &mut Client, head: &RequestHead, err: &ProxyError, e
 
 fn finish(
     peer: std::net::SocketAddr,
+    protocol: &'static str,
     head: &RequestHead,
     route: Option<&Route>,
     shared: &Shared,
@@ -662,6 +671,7 @@ fn finish(
             client: peer,
             method: head.raw.slice(head.method_span.range()),
             target: head.raw.slice(head.target.range()),
+            protocol,
             host: head.raw.slice(head.host.range()),
             status: ex.status,
             bytes_sent: ex.bytes_sent,

@@ -52,6 +52,14 @@ pub enum Version {
 }
 
 impl Version {
+    /// As the request line writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::Http10 => "HTTP/1.0",
+            Version::Http11 => "HTTP/1.1",
+        }
+    }
+
     fn from_httparse(v: Option<u8>) -> Version {
         match v {
             Some(0) => Version::Http10,

@@ -120,7 +120,15 @@ pub async fn serve_stream(
         }
         tracing::debug!(client = %conn.peer, status = ex.status, error = %err, "HTTP/2 request failed");
     }
-    finish(conn.peer, &head, route.map(|r| &**r), &shared, &ex, started);
+    finish(
+        conn.peer,
+        PROTOCOL,
+        &head,
+        route.map(|r| &**r),
+        &shared,
+        &ex,
+        started,
+    );
     drop(stream);
 }
 
@@ -135,6 +143,9 @@ pub(super) struct Stream<'a> {
     pub(super) send_timeout: Duration,
     pub(super) limits: &'a crate::config::snapshot::ConnLimits,
 }
+
+/// How the access log names the protocol of a request that came as an HTTP/2 stream.
+const PROTOCOL: &str = "HTTP/2.0";
 
 /// A request whose head could not be used is logged as `conn.rs` logs a refused HTTP/1.1 head.
 fn refused(conn: &ConnShared, parts: &http::request::Parts, shared: &Shared, ex: &Exchange) {
@@ -151,6 +162,7 @@ fn refused(conn: &ConnShared, parts: &http::request::Parts, shared: &Shared, ex:
                     .map_or("", |p| p.as_str())
                     .as_bytes(),
             ),
+            protocol: PROTOCOL,
             host: Bytes::new(),
             status: ex.status,
             bytes_sent: ex.bytes_sent,

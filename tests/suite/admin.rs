@@ -188,6 +188,7 @@ listen = "127.0.0.1:0"
 [[listener]]
 name = "web"
 listen = "127.0.0.1:0"
+http2 = true
 
 {upstream}[[route]]
 name = "api"
@@ -214,20 +215,31 @@ upstream = "app"
     assert_eq!(r2.status().as_u16(), 200);
     let r3 = http.get(proxy.url("/nowhere")).send().await.expect("GET");
     assert_eq!(r3.status().as_u16(), 404);
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .expect("an h2c client");
+    let r4 = h2
+        .get(proxy.url("/api/h2"))
+        .send()
+        .await
+        .expect("GET over h2c");
+    assert_eq!(r4.status().as_u16(), 200);
 
     let lines = poll_until(Duration::from_secs(5), || async {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         let lines: Vec<String> = text.lines().map(str::to_owned).collect();
-        (lines.len() >= 3).then_some(lines)
+        (lines.len() >= 4).then_some(lines)
     })
     .await
     .unwrap_or_else(|| {
         panic!(
-            "the access log did not get 3 lines: {:?}",
+            "the access log did not get 4 lines: {:?}",
             std::fs::read_to_string(&log_path)
         )
     });
-    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert_eq!(lines.len(), 4, "{lines:#?}");
     let entries: Vec<serde_json::Value> = lines
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
@@ -241,6 +253,7 @@ upstream = "app"
     let upstream = up.addr().to_string();
     let one = find("/api/one?q=1");
     assert_eq!(one["method"], "GET");
+    assert_eq!(one["protocol"], "HTTP/1.1");
     assert_eq!(one["status"], 200);
     assert_eq!(one["upstream"], upstream.as_str());
     let two = find("/api/two");
@@ -251,6 +264,9 @@ upstream = "app"
     assert_eq!(nowhere["method"], "GET");
     assert_eq!(nowhere["status"], 404);
     assert!(nowhere["upstream"].is_null(), "{nowhere}");
+    let over_h2 = find("/api/h2");
+    assert_eq!(over_h2["protocol"], "HTTP/2.0", "{over_h2}");
+    assert_eq!(over_h2["status"], 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
