@@ -589,18 +589,26 @@ async fn read_response_head(
                 return Err(ProxyError::Upstream(UpstreamErrorKind::BadResponse));
             }
         }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(8 * 1024);
-        }
-        match deadline::until(deadline, conn.stream.read_buf(buf)).await {
-            Ok(Ok(0)) if buf.is_empty() => {
-                return Err(ProxyError::Upstream(UpstreamErrorKind::ClosedEarly))
-            }
-            Ok(Ok(0)) => return Err(ProxyError::Upstream(UpstreamErrorKind::BadResponse)),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(ProxyError::Upstream(upstream::io_error_kind(&e))),
-            Err(_) => return Err(ProxyError::Upstream(UpstreamErrorKind::Timeout)),
-        }
+        read_head_bytes(&mut conn.stream, buf, deadline).await?;
+    }
+}
+
+/// Reads more of an upstream's response head into `buf`, by `deadline`: a close before any byte
+/// is `ClosedEarly` (a pooled connection the server had closed), a close mid-head a bad response.
+pub(super) async fn read_head_bytes(
+    stream: &mut crate::stream::UpstreamStream,
+    buf: &mut BytesMut,
+    deadline: tokio::time::Instant,
+) -> Result<(), ProxyError> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(8 * 1024);
+    }
+    match deadline::until(deadline, stream.read_buf(buf)).await {
+        Ok(Ok(0)) if buf.is_empty() => Err(ProxyError::Upstream(UpstreamErrorKind::ClosedEarly)),
+        Ok(Ok(0)) => Err(ProxyError::Upstream(UpstreamErrorKind::BadResponse)),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(ProxyError::Upstream(upstream::io_error_kind(&e))),
+        Err(_) => Err(ProxyError::Upstream(UpstreamErrorKind::Timeout)),
     }
 }
 

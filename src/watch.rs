@@ -62,9 +62,8 @@ pub async fn run(
             () = tokio::time::sleep(every.unwrap_or(IDLE_LOOK)) => {}
         }
         if every.is_none() {
-            // Not watching: keep the stamp current, so that turning it on does not count what
-            // changed meanwhile as a change (a reload brought it in force anyway).
-            last = stamp(&path);
+            // Not watching: not even a stat. When a reload turns watching on, the file may look
+            // changed to the first look; its text is the config in force, so nothing reloads.
             continue;
         }
         let now = stamp(&path);

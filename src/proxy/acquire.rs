@@ -199,13 +199,8 @@ pub(super) async fn acquire<'t>(
         match open(upstream, server, timeouts.connect).await {
             Ok(conn) => return Ok((idx, conn, in_flight)),
             Err(kind) => {
-                server_failed(
-                    upstream,
-                    targets,
-                    server,
-                    UpstreamFailure::Io(kind),
-                    Duration::ZERO,
-                );
+                // Nothing was sent: a connect failure costs no latency sample.
+                try_failed(upstream, targets, server, kind, true, Duration::ZERO);
                 tried.add(idx);
                 failed += 1;
                 last = ProxyError::Upstream(kind);

@@ -667,19 +667,9 @@ async fn tunnel_h2<U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             }
         }
     };
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    let watchdog = async {
-        loop {
-            let quiet = now_ms().saturating_sub(last.load(Relaxed));
-            if quiet >= idle_ms {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(idle_ms - quiet)).await;
-        }
-    };
     tokio::select! {
         (_, sent) = async { tokio::join!(to_upstream, to_client) } => sent,
-        () = watchdog => {
+        () = super::tunnel::idle_for(&last, idle) => {
             send.send_reset(h2::Reason::CANCEL);
             0
         }
@@ -767,18 +757,7 @@ async fn round_trip_h1(
                 return Err(ProxyError::Upstream(UpstreamErrorKind::BadResponse));
             }
         }
-        if up_buf.capacity() - up_buf.len() < 1024 {
-            up_buf.reserve(8 * 1024);
-        }
-        match deadline::until(deadline, conn.stream.read_buf(up_buf)).await {
-            Ok(Ok(0)) if up_buf.is_empty() => {
-                return Err(ProxyError::Upstream(UpstreamErrorKind::ClosedEarly))
-            }
-            Ok(Ok(0)) => return Err(ProxyError::Upstream(UpstreamErrorKind::BadResponse)),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(ProxyError::Upstream(upstream::io_error_kind(&e))),
-            Err(_) => return Err(ProxyError::Upstream(UpstreamErrorKind::Timeout)),
-        }
+        super::read_head_bytes(&mut conn.stream, up_buf, deadline).await?;
     }
 }
 

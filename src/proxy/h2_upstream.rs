@@ -17,7 +17,7 @@ use h2::{RecvStream, SendStream};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::acquire::{server_failed, wait_for_server};
+use super::acquire::{server_failed, try_failed, wait_for_server};
 use super::h2::{client_reset, send_all, sticky_cookie, Stream};
 use super::{plan_response, Exchange, ProxyError};
 use crate::app::Shared;
@@ -94,14 +94,8 @@ async fn acquire_h2<'a>(
                 return Ok((idx, lease, in_flight));
             }
             Err(kind) => {
-                upstream.metrics.error(kind);
-                server_failed(
-                    upstream,
-                    targets,
-                    server,
-                    UpstreamFailure::Io(kind),
-                    Duration::ZERO,
-                );
+                // Nothing was sent: a connect failure costs no latency sample.
+                try_failed(upstream, targets, server, kind, false, Duration::ZERO);
                 tried.add(idx);
                 failed += 1;
                 last = ProxyError::Upstream(kind);

@@ -49,26 +49,29 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin, U: AsyncRead + AsyncWrite + 
             copy(&mut up_read, &mut client_write, &last),
         )
     };
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    let watchdog = async {
-        loop {
-            let quiet = now_ms().saturating_sub(last.load(Relaxed));
-            if quiet >= idle_ms {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(idle_ms - quiet)).await;
-        }
-    };
     tokio::select! {
         (up, down) = both => {
             moved.to_upstream += up;
             moved.to_client += down;
         }
-        () = watchdog => {
+        () = idle_for(&last, idle) => {
             tracing::debug!("tunnel idle for {idle:?}: closed");
         }
     }
     moved
+}
+
+/// Resolves once nothing has moved for `idle`: `last` is when something last did (`now_ms`).
+/// One timer at a time, re-armed for the remaining quiet time rather than on every transfer.
+pub(super) async fn idle_for(last: &AtomicU64, idle: Duration) {
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        let quiet = now_ms().saturating_sub(last.load(Relaxed));
+        if quiet >= idle_ms {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(idle_ms - quiet)).await;
+    }
 }
 
 /// One direction: reads until end of stream (then closes the other side's sending half, so a
