@@ -99,11 +99,7 @@ async fn until_serving(probe: &reqwest::Client, url: &str, body: &str) {
 }
 
 fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()
-        .expect("running kill");
-    assert!(status.success(), "kill -{name} {pid}");
+    crate::support::child::signal(name, pid);
 }
 
 /// Whether process `pid` has a handler installed for SIGHUP (Linux: `SigCgt` in /proc).

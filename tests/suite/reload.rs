@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::support::backend::Backend;
+use crate::support::child::Running;
 use crate::support::h2::H2C_CONFIG;
 use crate::support::load::{Load, Speak};
 use crate::support::raw::RawConn;
@@ -253,7 +254,7 @@ async fn a_hundred_reloads_under_load_lose_no_request() {
 
 /// The binary on reserved ports, its config file, and a guard that kills it if a test fails.
 struct Binary {
-    child: std::process::Child,
+    child: Running,
     web: std::net::SocketAddr,
     admin: std::net::SocketAddr,
     config: tempfile::NamedTempFile,
@@ -278,7 +279,7 @@ impl Binary {
         .await;
         assert!(up.is_some(), "gatehouse run never listened on {web}");
         Binary {
-            child,
+            child: Running(child),
             web,
             admin,
             config,
@@ -301,30 +302,12 @@ impl Binary {
     }
 
     fn signal(&self, name: &str) {
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .expect("running kill");
-        assert!(status.success());
+        self.child.signal(name);
     }
 
     /// Waits for the process to exit by itself; its exit code.
     async fn exit_code(&mut self) -> Option<i32> {
-        let exited = poll_until(Duration::from_secs(20), || {
-            let status = self.child.try_wait().ok().flatten();
-            async move { status }
-        })
-        .await;
-        exited.and_then(|s| s.code())
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.child.exit_code(Duration::from_secs(20)).await
     }
 }
 

@@ -2,11 +2,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::support::child::Running;
 use crate::support::proxy::write_config;
 use crate::support::raw::RawConn;
 use crate::support::{
@@ -14,18 +15,6 @@ use crate::support::{
 };
 
 const SLOW_BODY: &str = "slow response, complete\n";
-
-/// Kills the child if a test fails before it exits by itself.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 /// Drops ANSI escape sequences (`ESC [ ... letter`), in case the log is coloured.
 fn strip_ansi(line: &str) -> String {
@@ -76,8 +65,7 @@ async fn sigterm_lets_the_in_flight_request_finish_and_exits_zero() {
         .spawn()
         .expect("spawning gatehouse run");
     let stderr = child.stderr.take().expect("piped stderr");
-    let child = ChildGuard(child);
-    let pid = child.0.id();
+    let child = Running(child);
 
     // Read stderr on a thread for as long as the process lives, so it never blocks on a full
     // pipe; forward the lines.
@@ -125,11 +113,7 @@ async fn sigterm_lets_the_in_flight_request_finish_and_exits_zero() {
     });
     up.wait_for_requests(1).await;
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("running kill");
-    assert!(kill.success());
+    child.signal("TERM");
 
     let result = within("the in-flight request during shutdown", in_flight)
         .await

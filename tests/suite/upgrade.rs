@@ -5,13 +5,14 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tempfile::{NamedTempFile, TempDir};
 
 use crate::support::certs::TestCa;
+use crate::support::child::{signal as kill, Running};
 use crate::support::load::{Load, Speak};
 use crate::support::proxy::write_config;
 use crate::support::raw::RawConn;
@@ -101,7 +102,7 @@ async fn body(url: &str) -> String {
 
 /// `gatehouse run` as a child, its stderr collected; killed on drop if still running.
 struct Gh {
-    child: Child,
+    child: Running,
     log: Arc<Mutex<String>>,
 }
 
@@ -140,11 +141,14 @@ impl Gh {
                 log.push('\n');
             }
         });
-        Gh { child, log }
+        Gh {
+            child: Running(child),
+            log,
+        }
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     fn log(&self) -> String {
@@ -160,39 +164,17 @@ impl Gh {
     }
 
     fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.child.running()
     }
 
     fn signal(&self, name: &str) {
-        kill(name, self.pid());
+        self.child.signal(name);
     }
 
     /// Waits for the process to exit by itself; its exit code.
     async fn exit_code(&mut self) -> Option<i32> {
-        let exited = poll_until(Duration::from_secs(30), || {
-            let status = self.child.try_wait().ok().flatten();
-            async move { status }
-        })
-        .await;
-        exited.and_then(|s| s.code())
+        self.child.exit_code(Duration::from_secs(30)).await
     }
-}
-
-impl Drop for Gh {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn kill(signal: &str, pid: u32) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .expect("running kill");
-    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 /// Runs the binary to its end (a takeover expected to fail); bounded by a timeout.

@@ -18,6 +18,7 @@
 pub mod backend;
 pub mod body;
 pub mod certs;
+pub mod child;
 pub mod dns;
 pub mod flaky;
 pub mod h2;
